@@ -1,0 +1,5 @@
+"""``python -m backchannel``."""
+
+from backchannel.cli.main import main
+
+main()

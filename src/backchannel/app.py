@@ -1,0 +1,175 @@
+"""The composition root: store + broker + relay + transports + front doors on one aiohttp app.
+
+This is the only module that imports every layer; everything else sees only the layers
+below it (DESIGN.md, "Imports").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from backchannel import __version__
+from backchannel.config import Config
+from backchannel.core.apps import AppService
+from backchannel.core.clock import Clock, SystemClock
+from backchannel.core.relay import Relay, RelayLimits
+from backchannel.frontdoors.admin import AdminApi
+from backchannel.frontdoors.app_api import AppApi
+from backchannel.frontdoors.errors import MAX_BODY, json_errors
+from backchannel.frontdoors.health import Health
+from backchannel.routing.broker import Broker
+from backchannel.routing.memory import MemoryBroker
+from backchannel.state.memory import MemoryStore
+from backchannel.state.sqlite import SqliteStore
+from backchannel.state.store import Store
+from backchannel.transports.native_ws import NativeSettings, NativeTransport
+
+log = logging.getLogger("backchannel")
+
+RELAY = web.AppKey("backchannel.relay", Relay)
+APPS = web.AppKey("backchannel.apps", AppService)
+#: Set at startup when the server generated the admin token (tests read it from here).
+GENERATED_ADMIN_TOKEN = web.AppKey("backchannel.generated_admin_token", str)
+FRAME_OVERHEAD = 512  # room for the frame header and method name around a max-size body
+
+
+def make_store(config: Config) -> Store:
+    """The store the configuration names."""
+    if config.store == "memory":
+        return MemoryStore()
+    return SqliteStore(config.data_dir / "backchannel.db")
+
+
+def build_app(
+    config: Config,
+    *,
+    store: Store | None = None,
+    broker: Broker | None = None,
+    clock: Clock | None = None,
+) -> web.Application:
+    """Wire every part onto one aiohttp application; state opens at startup."""
+    clock = clock or SystemClock()
+    store = store or make_store(config)
+    broker = broker or MemoryBroker(config.node_id)
+    apps = AppService(store, clock)
+    relay = Relay(
+        broker,
+        clock,
+        RelayLimits(
+            default_timeout=config.default_timeout,
+            max_timeout=config.max_timeout,
+            heartbeat=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+            max_inflight_per_device=config.max_inflight_per_device,
+            shutdown_grace=config.shutdown_grace,
+        ),
+    )
+    app = web.Application(client_max_size=config.max_body_size, middlewares=[json_errors])
+    app[MAX_BODY] = config.max_body_size
+    app[RELAY] = relay
+    app[APPS] = apps
+
+    NativeTransport(
+        relay,
+        apps,
+        NativeSettings(
+            max_frame=config.max_body_size + FRAME_OVERHEAD,
+            heartbeat=config.heartbeat_interval,
+            timeout=config.heartbeat_timeout,
+            max_inflight=config.max_inflight_per_device,
+            server_name=f"backchannel/{__version__}",
+        ),
+    ).add_routes(app)
+    AppApi(relay, apps, config.default_timeout, config.max_timeout).add_routes(app)
+    AdminApi(relay, apps).add_routes(app)
+    Health(relay).add_routes(app)
+
+    admin_token = config.admin_token.get_secret_value() if config.admin_token else None
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        await broker.start()
+        generated = await apps.init_admin_token(admin_token)
+        if generated is not None:
+            app[GENERATED_ADMIN_TOKEN] = generated
+        relay.start()
+        yield
+        await broker.stop()
+        await store.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await relay.shutdown()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    app = build_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=log if config.access_log else None,
+        access_log_format='%a "%m %U" %s %b %Tf',  # %U: path without the query string
+        shutdown_timeout=config.shutdown_grace + 5,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner, config.host, config.port, ssl_context=_ssl_context(config), backlog=4096
+    )
+    await site.start()
+    token = app.get(GENERATED_ADMIN_TOKEN)
+    if token:
+        # Printed once, never logged: it is stored only as a hash.
+        print(
+            "\n  Admin token (shown once; store it safely):\n\n"
+            f"    {token}\n\n  Use it as BACKCHANNEL_ADMIN_TOKEN or --admin-token.\n",
+            file=sys.stdout,
+            flush=True,
+        )
+    scheme = "https" if config.tls_cert else "http"
+    for addr in runner.addresses:
+        log.info("backchannel %s listening on %s://%s:%s", __version__, scheme, addr[0], addr[1])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing calls in flight (up to %gs)", config.shutdown_grace)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def run(config: Config) -> None:
+    """Blocking entry point: uvloop when available, logging set up from the config."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX system
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

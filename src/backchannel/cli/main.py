@@ -1,0 +1,22 @@
+"""The ``backchannel`` command group."""
+
+from __future__ import annotations
+
+import click
+
+from backchannel import __version__
+from backchannel.cli.serve import serve
+
+
+@click.group()
+@click.version_option(__version__, prog_name="backchannel")
+def cli() -> None:
+    """backchannel: reach devices and services behind NAT through one outbound connection."""
+
+
+cli.add_command(serve)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,39 @@
+"""``backchannel serve``: run the relay with embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from backchannel.config import load_config
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file.")
+@click.option("--host", help="Address to listen on [0.0.0.0].")
+@click.option("--port", type=int, help="Port for devices, apps and admin [8080].")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="State directory.")
+@click.option("--store", type=click.Choice(["sqlite", "memory"]), help="State backend [sqlite].")
+@click.option("--admin-token", envvar=None, help="Admin token (else generated at first start).")
+@click.option("--node-id", help="This node's id in a cluster.")
+@click.option("--default-timeout", type=float, help="Call timeout when none is given [30].")
+@click.option("--max-timeout", type=float, help="Cap on any call timeout [300].")
+@click.option("--heartbeat-interval", type=float, help="Native PING interval [25].")
+@click.option("--heartbeat-timeout", type=float, help="Silence before a device drops [75].")
+@click.option("--max-body-size", type=int, help="Largest body in bytes [16 MiB].")
+@click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--access-log/--no-access-log", default=None, help="Log each request.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="PEM certificate chain.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="PEM private key.")
+def serve(config_file: Path | None, **flags: object) -> None:
+    """Run the relay server (flags > BACKCHANNEL_* variables > --config file > defaults)."""
+    from backchannel.app import run
+
+    try:
+        config = load_config(config_file, **flags)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    run(config)

@@ -1,0 +1,79 @@
+"""Server configuration: embedded defaults < TOML file < ``BACKCHANNEL_*`` variables < flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Config(BaseSettings):
+    """Every server setting, with the embedded default. Keys are the same in TOML and env."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKCHANNEL_", extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="Port for everything (0: any free)")
+    data_dir: Path = Field(Path("backchannel-data"), description="SQLite file and certificates")
+    store: Literal["sqlite", "memory"] = Field("sqlite", description="Where state lives")
+    admin_token: SecretStr | None = Field(None, description="Admin token (else generated once)")
+    node_id: str = Field(default_factory=_default_node_id, description="This node's id")
+    default_timeout: float = Field(30.0, gt=0, description="Call timeout when none is given (s)")
+    max_timeout: float = Field(300.0, gt=0, description="Cap on any call timeout (s)")
+    heartbeat_interval: float = Field(25.0, gt=0, description="Native PING interval (s)")
+    heartbeat_timeout: float = Field(75.0, gt=0, description="Silence before a device drops (s)")
+    max_body_size: int = Field(16 * MiB, ge=1024, description="Largest request/message body")
+    max_inflight_per_device: int = Field(10_000, ge=1, description="Calls in flight per device")
+    shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(False, description="Log every HTTP request (without query strings)")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain for HTTPS/WSS")
+    tls_key: Path | None = Field(None, description="PEM private key for HTTPS/WSS")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+        if self.default_timeout > self.max_timeout:
+            raise ValueError("default_timeout must not exceed max_timeout")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
+    """Build the configuration; ``overrides`` (the CLI flags) win, None values are ignored."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+
+    class _Config(Config):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            return tuple(sources)
+
+    return _Config(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""The relay core: sessions, calls, presence and timeouts. It knows no HTTP, frames or SQL."""

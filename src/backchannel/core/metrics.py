@@ -1,0 +1,14 @@
+"""Prometheus metrics of the relay; served at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SESSIONS = Gauge("backchannel_sessions", "Live device sessions on this node", ["transport"])
+CALLS_OK = Counter("backchannel_calls_ok", "Calls answered by the device")
+CALLS = Counter("backchannel_calls_failed", "Calls that failed, by outcome", ["outcome"])
+EVENTS = Counter("backchannel_events", "Upstream events received from devices")
+PROTOCOL_ERRORS = Counter(
+    "backchannel_protocol_errors", "Sessions closed for breaking the protocol", ["transport"]
+)
+LATE_REPLIES = Counter("backchannel_late_replies", "Replies that arrived after their call ended")

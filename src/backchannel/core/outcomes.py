@@ -1,0 +1,64 @@
+"""How a call to a device can fail. Front doors map these to HTTP; SDKs map them back.
+
+The ``code`` of each class is the stable, machine-readable ``error`` field of API bodies.
+"""
+
+from __future__ import annotations
+
+
+class CallFailed(Exception):
+    """Base class: the call produced no reply."""
+
+    code = "call_failed"
+
+
+class DeviceOffline(CallFailed):
+    """The device has no live session on any node; nothing was sent."""
+
+    code = "device_offline"
+
+
+class CallTimedOut(CallFailed):
+    """The timeout in force ran out."""
+
+    code = "timeout"
+
+    def __init__(self, timeout: float, detail: str = "") -> None:
+        super().__init__(detail or f"no reply within {timeout:g} s")
+        self.timeout = timeout
+
+
+class TimedOutBeforeDelivery(CallTimedOut):
+    """The deadline passed while the call was still waiting to be written to the device."""
+
+    code = "timeout_before_delivery"
+
+
+class NoReply(CallTimedOut):
+    """The call was delivered to the device, which did not reply in time."""
+
+    code = "timeout_no_reply"
+
+
+class DeviceError(CallFailed):
+    """The device answered with an error instead of a reply."""
+
+    code = "device_error"
+
+
+class DeviceDisconnected(CallFailed):
+    """The device's session ended while the call was in flight."""
+
+    code = "device_disconnected"
+
+
+class DeviceBusy(CallFailed):
+    """The device has too many calls in flight; the caller should retry later."""
+
+    code = "device_busy"
+
+
+class ShuttingDown(CallFailed):
+    """The server is shutting down and takes no new calls."""
+
+    code = "shutting_down"

@@ -1,0 +1,226 @@
+"""The relay facade: what front doors and transports call. It knows no HTTP and no frames.
+
+Lookups go to this node's :class:`Hub` first; only a miss asks the broker, so the
+embedded single-node server never pays for cluster routing, and no front door assumes the
+device's session lives in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from backchannel.core import metrics
+from backchannel.core.appstats import AppStats
+from backchannel.core.clock import Clock
+from backchannel.core.hub import Hub
+from backchannel.core.outcomes import CallFailed, DeviceOffline, ShuttingDown
+from backchannel.core.presence import presence
+from backchannel.core.session import CloseReason, Session
+from backchannel.routing.broker import Broker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    """Timers and limits the relay enforces."""
+
+    default_timeout: float = 30.0
+    max_timeout: float = 300.0
+    heartbeat: float = 25.0
+    heartbeat_timeout: float = 75.0
+    max_inflight_per_device: int = 10_000
+    shutdown_grace: float = 10.0
+
+
+class Relay:
+    """Sessions, calls and presence across the node and, through the broker, the cluster."""
+
+    def __init__(self, broker: Broker, clock: Clock, limits: RelayLimits = RelayLimits()) -> None:
+        self.hub = Hub()
+        self.broker = broker
+        self.clock = clock
+        self.limits = limits
+        self.closing = False
+        self._stats: dict[str, AppStats] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._housekeeper: asyncio.Task[None] | None = None
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the cluster."""
+        return self.broker.node_id
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start housekeeping (heartbeats and liveness for every session)."""
+        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        # One timer for all sessions instead of one per connection: cheaper at 10k devices.
+        interval = min(1.0, self.limits.heartbeat / 5)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock.monotonic()
+            for session in self.hub:
+                try:
+                    session.tick(now)
+                except Exception:
+                    log.exception("heartbeat tick failed for %s", session.device_id)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Refuse new work, let calls in flight finish within ``grace``, close every session."""
+        self.closing = True
+        grace = self.limits.shutdown_grace if grace is None else grace
+        deadline = self.clock.monotonic() + grace
+        # Polling is fine here: it runs once, for at most ``grace`` seconds.
+        while self.clock.monotonic() < deadline and any(s.in_flight() for s in self.hub):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        sessions = list(self.hub)
+        if sessions:
+            log.info("closing %d device sessions for shutdown", len(sessions))
+            await asyncio.gather(
+                *(s.close(CloseReason.SHUTDOWN, "server shutting down") for s in sessions),
+                return_exceptions=True,
+            )
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background coroutine, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sessions (called by transports) -------------------------------------------------
+
+    async def register(self, session: Session) -> None:
+        """Make ``session`` the device's live session, closing any session it replaces.
+
+        Raises:
+            ShuttingDown: the server takes no new sessions.
+        """
+        if self.closing:
+            raise ShuttingDown("server shutting down")
+        previous = self.hub.attach(session)
+        if previous is not None and previous is not session:
+            log.info(
+                "session takeover: %s/%s %s replaces %s",
+                session.app_id,
+                session.device_id,
+                session.session_id,
+                previous.session_id,
+            )
+            self.spawn(previous.close(CloseReason.TAKEOVER, "replaced by a newer connection"))
+        else:
+            metrics.SESSIONS.labels(session.transport).inc()
+        await self.broker.claim(session.app_id, session.device_id, session.session_id)
+        log.info(
+            "device connected: %s/%s via %s from %s",
+            session.app_id,
+            session.device_id,
+            session.transport,
+            session.stats.remote,
+        )
+
+    async def unregister(self, session: Session, reason: CloseReason) -> None:
+        """Forget ``session`` if it is still current (a replaced session changes nothing)."""
+        if not self.hub.detach(session):
+            return
+        metrics.SESSIONS.labels(session.transport).dec()
+        await self.broker.release(session.app_id, session.device_id, session.session_id)
+        log.info("device disconnected: %s/%s (%s)", session.app_id, session.device_id, reason.value)
+
+    def device_event(self, session: Session, name: str, data: bytes) -> None:
+        """An upstream event arrived from a device: count it and log it."""
+        session.stats.events += 1
+        metrics.EVENTS.inc()
+        log.info(
+            "event from %s/%s: %s (%d bytes)", session.app_id, session.device_id, name, len(data)
+        )
+
+    # -- operations (called by front doors) ----------------------------------------------
+
+    def app_stats(self, app_id: str) -> AppStats:
+        """This node's counters for an application."""
+        stats = self._stats.get(app_id)
+        if stats is None:
+            stats = self._stats[app_id] = AppStats()
+        return stats
+
+    async def call(
+        self, app_id: str, device_id: str, body: bytes, method: str, timeout: float
+    ) -> bytes:
+        """Send ``body`` to a device and return its reply.
+
+        Raises:
+            CallFailed: a subclass naming the outcome (offline, timeout, device error...).
+        """
+        session = self.hub.get(app_id, device_id)
+        if session is None:
+            return await self._call_elsewhere(app_id, device_id, body, method, timeout)
+        stats = self.app_stats(app_id)
+        started = self.clock.monotonic()
+        try:
+            reply = await session.call(body, method, timeout)
+        except CallFailed as exc:
+            stats.errors += 1
+            metrics.CALLS.labels(exc.code).inc()
+            raise
+        stats.record(len(body), len(reply), (self.clock.monotonic() - started) * 1000.0)
+        metrics.CALLS_OK.inc()
+        return reply
+
+    async def _call_elsewhere(
+        self, app_id: str, device_id: str, body: bytes, method: str, timeout: float
+    ) -> bytes:
+        if self.closing:
+            raise ShuttingDown("server shutting down")
+        node = await self.broker.owner(app_id, device_id)
+        if node is None or node == self.node_id:
+            metrics.CALLS.labels(DeviceOffline.code).inc()
+            raise DeviceOffline(f"device {device_id} is not connected")
+        return await self.broker.forward_call(node, app_id, device_id, body, method, timeout)
+
+    async def presence(self, app_id: str, device_id: str) -> dict[str, Any] | None:
+        """The device's presence object, or None when it is offline."""
+        session = self.hub.get(app_id, device_id)
+        if session is not None:
+            return presence(session)
+        node = await self.broker.owner(app_id, device_id)
+        if node is None or node == self.node_id:
+            return None
+        return await self.broker.forward_presence(node, app_id, device_id)
+
+    async def devices(self, app_id: str) -> list[str]:
+        """Ids of the application's connected devices, across the cluster."""
+        return await self.broker.list_devices(app_id)
+
+    async def detach(
+        self, app_id: str, device_id: str, reason: CloseReason = CloseReason.DETACHED
+    ) -> bool:
+        """Close a device's session; False when it is not connected."""
+        session = self.hub.get(app_id, device_id)
+        if session is not None:
+            await session.close(reason, f"{reason.value} by the application")
+            await self.unregister(session, reason)
+            return True
+        node = await self.broker.owner(app_id, device_id)
+        if node is None or node == self.node_id:
+            return False
+        return await self.broker.forward_detach(node, app_id, device_id)
+
+    async def detach_app(self, app_id: str, reason: CloseReason) -> int:
+        """Close every session of an application on this node (it was deleted)."""
+        sessions = self.hub.of_app(app_id)
+        for session in sessions:
+            await session.close(reason, "application deleted")
+            await self.unregister(session, reason)
+        return len(sessions)

@@ -1,0 +1,70 @@
+"""The ``Session`` interface every transport implements, and what the core keeps per session.
+
+The core owns this interface; transports (native WebSocket, Cometa raw chunks, Socket.IO)
+adapt a live connection to it. A transport never decides routing or authorization: it asks
+the :class:`~backchannel.core.relay.Relay` and reports to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class CloseReason(Enum):
+    """Why a session ended. Transports map each to their own close code."""
+
+    NORMAL = "normal"
+    SHUTDOWN = "server_shutdown"
+    TAKEOVER = "replaced"
+    DETACHED = "detached"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    AUTH_FAILED = "auth_failed"
+    REVOKED = "credential_revoked"
+    PEER_CLOSED = "peer_closed"
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters and facts shown in presence (Cometa's presence object and more)."""
+
+    connected_at: float
+    remote: str
+    info: str = ""
+    last_seen: float = 0.0
+    rx_bytes: int = 0
+    rx_messages: int = 0
+    tx_bytes: int = 0
+    tx_messages: int = 0
+    latency_ms: float | None = None
+    events: int = 0
+    calls: int = 0
+    errors: int = 0
+
+
+class Session(Protocol):
+    """One live device connection, as the core sees it."""
+
+    app_id: str
+    device_id: str
+    session_id: str
+    transport: str
+    stats: SessionStats
+
+    async def call(self, body: bytes, method: str, timeout: float) -> bytes:
+        """Deliver ``body`` and return the device's reply.
+
+        Raises:
+            CallFailed: a subclass from :mod:`backchannel.core.outcomes` naming the outcome.
+        """
+
+    async def close(self, reason: CloseReason, detail: str = "") -> None:
+        """End the session, failing calls in flight with ``DeviceDisconnected``."""
+
+    def tick(self, now: float) -> None:
+        """Housekeeping at monotonic time ``now``: send heartbeats, drop dead peers."""
+
+    def in_flight(self) -> int:
+        """Number of calls waiting for a reply."""

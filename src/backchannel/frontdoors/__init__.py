@@ -1,0 +1,1 @@
+"""Front doors: public HTTP in, core operations, outcomes back out as HTTP."""

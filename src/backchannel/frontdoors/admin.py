@@ -1,0 +1,194 @@
+"""The admin API under ``/admin/v1``: applications and device credentials.
+
+Authorized by ``Authorization: Bearer <admin token>``. The CLI's ``--server`` mode uses it.
+Secrets and keys appear in a response exactly once: when they are created.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from backchannel.core.apps import AppService, AppSettings, InvalidInput, NotFound
+from backchannel.core.relay import Relay
+from backchannel.core.session import CloseReason
+from backchannel.frontdoors.app_api import credential
+from backchannel.frontdoors.errors import ApiError, json_response, read_json
+from backchannel.state.store import AppRecord, DeviceCredential
+
+PREFIX = "/admin/v1"
+
+
+def app_json(app: AppRecord) -> dict[str, Any]:
+    """The public view of an application (never its secret hash)."""
+    return {
+        "app_id": app.app_id,
+        "name": app.name,
+        "webhook_url": app.webhook_url,
+        "default_timeout": app.default_timeout,
+        "allow_open_attach": app.allow_open_attach,
+        "allowed_devices": list(app.allowed_devices),
+        "created_at": app.created_at,
+    }
+
+
+def device_json(cred: DeviceCredential, online: bool) -> dict[str, Any]:
+    """The public view of a provisioned device (never its key hash)."""
+    return {
+        "app_id": cred.app_id,
+        "device_id": cred.device_id,
+        "tags": list(cred.tags),
+        "created_at": cred.created_at,
+        "online": online,
+    }
+
+
+def _settings(body: dict[str, Any]) -> AppSettings:
+    """Validate the types of the settings fields of a request body."""
+    known = {"name", "webhook_url", "default_timeout", "allow_open_attach", "allowed_devices"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ApiError(400, "invalid_field", f"unknown field(s): {', '.join(unknown)}")
+    url = body.get("webhook_url")
+    if url is not None and not isinstance(url, str):
+        raise ApiError(400, "invalid_field", "webhook_url must be a string")
+    timeout = body.get("default_timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+        raise ApiError(400, "invalid_field", "default_timeout must be a number of seconds")
+    open_attach = body.get("allow_open_attach")
+    if open_attach is not None and not isinstance(open_attach, bool):
+        raise ApiError(400, "invalid_field", "allow_open_attach must be true or false")
+    allowed = body.get("allowed_devices")
+    if allowed is not None and (
+        not isinstance(allowed, list) or not all(isinstance(d, str) for d in allowed)
+    ):
+        raise ApiError(400, "invalid_field", "allowed_devices must be a list of device ids")
+    return AppSettings(
+        webhook_url=url,
+        default_timeout=float(timeout) if timeout is not None else None,
+        allow_open_attach=open_attach,
+        allowed_devices=tuple(allowed) if allowed is not None else None,
+    )
+
+
+class AdminApi:
+    """Create, inspect, change and delete applications and device credentials."""
+
+    def __init__(self, relay: Relay, apps: AppService) -> None:
+        self._relay = relay
+        self._apps = apps
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the routes."""
+        r = app.router
+        r.add_get(PREFIX + "/apps", self.list_apps)
+        r.add_post(PREFIX + "/apps", self.create_app)
+        r.add_get(PREFIX + "/apps/{app_id}", self.show_app)
+        r.add_patch(PREFIX + "/apps/{app_id}", self.update_app)
+        r.add_delete(PREFIX + "/apps/{app_id}", self.delete_app)
+        r.add_post(PREFIX + "/apps/{app_id}/rotate-secret", self.rotate_secret)
+        r.add_get(PREFIX + "/apps/{app_id}/devices", self.list_devices)
+        r.add_post(PREFIX + "/apps/{app_id}/devices/{device_id}", self.provision)
+        r.add_delete(PREFIX + "/apps/{app_id}/devices/{device_id}", self.revoke)
+
+    def _require_admin(self, request: web.Request) -> None:
+        if not self._apps.is_admin(credential(request)):
+            raise ApiError(403, "forbidden", "the admin API needs the admin token")
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        """All applications."""
+        self._require_admin(request)
+        return json_response({"apps": [app_json(a) for a in await self._apps.list_apps()]})
+
+    async def create_app(self, request: web.Request) -> web.Response:
+        """Create an application; the answer holds its secret, shown only this once."""
+        self._require_admin(request)
+        body = await read_json(request)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "invalid_field", "name is required and must be a string")
+        try:
+            app, secret = await self._apps.create(name, _settings(body))
+        except InvalidInput as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from None
+        return json_response({**app_json(app), "secret": secret}, status=201)
+
+    async def show_app(self, request: web.Request) -> web.Response:
+        """One application."""
+        self._require_admin(request)
+        return json_response(app_json(await self._app(request)))
+
+    async def update_app(self, request: web.Request) -> web.Response:
+        """Change webhook, default timeout or open-attach settings."""
+        self._require_admin(request)
+        body = await read_json(request)
+        body.pop("name", None)
+        try:
+            app = await self._apps.update(request.match_info["app_id"], _settings(body))
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None
+        except InvalidInput as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from None
+        return json_response(app_json(app))
+
+    async def delete_app(self, request: web.Request) -> web.Response:
+        """Delete an application, its credentials, and close its devices' sessions."""
+        self._require_admin(request)
+        app_id = request.match_info["app_id"]
+        if not await self._apps.delete(app_id):
+            raise ApiError(404, "unknown_app", f"application {app_id} does not exist")
+        closed = await self._relay.detach_app(app_id, CloseReason.REVOKED)
+        return json_response({"deleted": app_id, "sessions_closed": closed})
+
+    async def rotate_secret(self, request: web.Request) -> web.Response:
+        """Replace the application's secret; the answer holds the new one."""
+        self._require_admin(request)
+        app_id = request.match_info["app_id"]
+        try:
+            secret = await self._apps.rotate_secret(app_id)
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None
+        return json_response({"app_id": app_id, "secret": secret})
+
+    async def list_devices(self, request: web.Request) -> web.Response:
+        """Provisioned devices, with whether each is online."""
+        self._require_admin(request)
+        app_id = request.match_info["app_id"]
+        try:
+            creds = await self._apps.credentials(app_id)
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None
+        online = set(await self._relay.devices(app_id))
+        return json_response({"devices": [device_json(c, c.device_id in online) for c in creds]})
+
+    async def provision(self, request: web.Request) -> web.Response:
+        """Issue (or re-issue) a device key; the answer holds the key, shown only this once."""
+        self._require_admin(request)
+        body = await read_json(request)
+        tags = body.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ApiError(400, "invalid_field", "tags must be a list of strings")
+        app_id, device_id = request.match_info["app_id"], request.match_info["device_id"]
+        try:
+            cred, key = await self._apps.provision(app_id, device_id, tuple(tags))
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None
+        except InvalidInput as exc:
+            raise ApiError(400, "invalid_device_id", str(exc)) from None
+        return json_response({**device_json(cred, False), "key": key}, status=201)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """Delete a device key and close the device's session."""
+        self._require_admin(request)
+        app_id, device_id = request.match_info["app_id"], request.match_info["device_id"]
+        if not await self._apps.revoke(app_id, device_id):
+            raise ApiError(404, "unknown_device", f"device {device_id} is not provisioned")
+        await self._relay.detach(app_id, device_id, CloseReason.REVOKED)
+        return json_response({"revoked": device_id})
+
+    async def _app(self, request: web.Request) -> AppRecord:
+        try:
+            return await self._apps.require(request.match_info["app_id"])
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None

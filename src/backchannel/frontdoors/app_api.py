@@ -1,0 +1,138 @@
+"""The application API, in the shape of Cometa's hosted API (COMPAT.md, application side).
+
+Routes under ``/v1/applications/{app_id}``; ``Authorization: OAuth <app secret>`` (Cometa's
+scheme) or ``Bearer <app secret | admin token>``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from backchannel.core.apps import AppService
+from backchannel.core.outcomes import CallFailed
+from backchannel.core.relay import Relay
+from backchannel.core.timeouts import parse_timeout, resolve_timeout
+from backchannel.frontdoors.errors import ApiError, json_error, json_response, outcome_response
+from backchannel.state.store import AppRecord
+
+TIMEOUT_HEADER = "X-Backchannel-Timeout"
+_OK = b'{"msg":"200 OK"}'
+
+
+def credential(request: web.Request) -> str:
+    """The token of an ``OAuth``/``Bearer`` Authorization header.
+
+    Raises:
+        ApiError: 401 when the header is missing or of another scheme.
+    """
+    header = request.headers.get("Authorization")
+    if not header:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing Authorization header: use 'OAuth <app secret>' or 'Bearer <token>'",
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() not in ("oauth", "bearer") or not token.strip():
+        raise ApiError(
+            401, "unauthorized", "Authorization must be 'OAuth <secret>' or 'Bearer <token>'"
+        )
+    return token.strip()
+
+
+class AppApi:
+    """Send, presence, list, detach and app info."""
+
+    def __init__(
+        self, relay: Relay, apps: AppService, default_timeout: float, max_timeout: float
+    ) -> None:
+        self._relay = relay
+        self._apps = apps
+        self._default_timeout = default_timeout
+        self._max_timeout = max_timeout
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the routes."""
+        base = "/v1/applications/{app_id}"
+        app.router.add_post(base + "/devices/{device_id}/send", self.send)
+        app.router.add_get(base + "/devices/{device_id}", self.presence)
+        app.router.add_delete(base + "/devices/{device_id}", self.detach)
+        app.router.add_get(base + "/devices", self.devices)
+        app.router.add_get(base, self.info)
+
+    async def authorize(self, request: web.Request) -> AppRecord:
+        """The application named in the path, if the credential grants access to it.
+
+        A wrong secret and an unknown application look the same (403), so a caller cannot
+        probe which application ids exist; the admin token reaches every application.
+        """
+        app_id = request.match_info["app_id"]
+        token = credential(request)
+        app = await self._apps.authenticate(app_id, token)
+        if app is not None:
+            return app
+        if self._apps.is_admin(token):
+            app = await self._apps.get(app_id)
+            if app is not None:
+                return app
+            raise ApiError(404, "unknown_app", f"application {app_id} does not exist")
+        raise ApiError(403, "forbidden", "the credential does not grant access to this application")
+
+    async def send(self, request: web.Request) -> web.Response:
+        """Relay the raw body to the device; answer with its raw reply."""
+        app = await self.authorize(request)
+        raw_timeout = request.query.get("timeout")
+        try:
+            requested = parse_timeout(raw_timeout) if raw_timeout is not None else None
+        except ValueError as exc:
+            raise ApiError(400, "invalid_timeout", str(exc)) from None
+        timeout = resolve_timeout(
+            requested, app.default_timeout, self._default_timeout, self._max_timeout
+        )
+        headers = {TIMEOUT_HEADER: f"{timeout:g}"}
+        body = await request.read()
+        try:
+            reply = await self._relay.call(
+                app.app_id,
+                request.match_info["device_id"],
+                body,
+                request.query.get("method", ""),
+                timeout,
+            )
+        except CallFailed as exc:
+            return outcome_response(exc, headers)
+        return web.Response(body=reply, content_type="application/octet-stream", headers=headers)
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """The presence object of a connected device, else 418."""
+        app = await self.authorize(request)
+        device_id = request.match_info["device_id"]
+        info = await self._relay.presence(app.app_id, device_id)
+        if info is None:
+            return _not_attached(device_id)
+        return json_response(info)
+
+    async def detach(self, request: web.Request) -> web.Response:
+        """Close the device's connection."""
+        app = await self.authorize(request)
+        device_id = request.match_info["device_id"]
+        if not await self._relay.detach(app.app_id, device_id):
+            return _not_attached(device_id)
+        return web.Response(body=_OK, content_type="application/json")
+
+    async def devices(self, request: web.Request) -> web.Response:
+        """The ids of the application's connected devices."""
+        app = await self.authorize(request)
+        ids = await self._relay.devices(app.app_id)
+        return json_response({"num_devices": len(ids), "devices": ids})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """Application name and traffic counters."""
+        app = await self.authorize(request)
+        ids = await self._relay.devices(app.app_id)
+        stats = self._relay.app_stats(app.app_id).as_cometa(len(ids), 0)
+        return json_response({"app_id": app.app_id, "app_name": app.name, "stats": stats})
+
+
+def _not_attached(device_id: str) -> web.Response:
+    return json_error(418, "device_offline", f"device {device_id} is not connected")

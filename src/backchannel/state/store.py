@@ -1,0 +1,97 @@
+"""The store interface: durable records of applications, device credentials and settings.
+
+Implementations live beside this file (``memory.py``, ``sqlite.py``; ``redis.py`` for cluster
+mode) and all pass the one contract suite in ``tests/contract/test_store.py``. The store holds
+only *hashes* of secrets; it never sees a plaintext secret or key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """Base class of store failures."""
+
+
+class AlreadyExists(StoreError):
+    """A record with the same key exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppRecord:
+    """One application: the tenant boundary of the relay."""
+
+    app_id: str
+    name: str
+    secret_hash: str
+    created_at: float
+    webhook_url: str | None = None
+    default_timeout: float | None = None
+    allow_open_attach: bool = False
+    allowed_devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredential:
+    """The hashed key a device authenticates with, and the tags given at provisioning."""
+
+    app_id: str
+    device_id: str
+    key_hash: str
+    created_at: float
+    tags: tuple[str, ...] = field(default=())
+
+
+class Store(Protocol):
+    """Durable state. Every method is a coroutine and safe to call from the event loop.
+
+    Contracts (checked by the contract suite for every implementation):
+      - ``get_*`` return ``None`` for a missing record, never raise for it.
+      - ``create_app`` raises :class:`AlreadyExists` for a taken ``app_id``.
+      - ``delete_app`` also deletes the app's device credentials.
+      - ``put_device_credential`` inserts or replaces (re-provisioning rotates the key).
+      - Lists are ordered by creation time, then by id.
+      - Data written before ``close()`` is readable after a new ``open()`` on the same
+        location (except for the memory store, which keeps nothing).
+    """
+
+    async def open(self) -> None:
+        """Connect, create the schema if needed."""
+
+    async def close(self) -> None:
+        """Flush and release resources; idempotent."""
+
+    async def create_app(self, app: AppRecord) -> None:
+        """Insert a new application."""
+
+    async def get_app(self, app_id: str) -> AppRecord | None:
+        """Return one application or None."""
+
+    async def list_apps(self) -> list[AppRecord]:
+        """Return all applications."""
+
+    async def update_app(self, app: AppRecord) -> bool:
+        """Replace the record with the same ``app_id``; False when there is none."""
+
+    async def delete_app(self, app_id: str) -> bool:
+        """Delete an application and its credentials; False when there was none."""
+
+    async def put_device_credential(self, cred: DeviceCredential) -> None:
+        """Insert or replace a device credential."""
+
+    async def get_device_credential(self, app_id: str, device_id: str) -> DeviceCredential | None:
+        """Return one device credential or None."""
+
+    async def list_device_credentials(self, app_id: str) -> list[DeviceCredential]:
+        """Return the credentials of one application."""
+
+    async def delete_device_credential(self, app_id: str, device_id: str) -> bool:
+        """Delete one credential; False when there was none."""
+
+    async def get_setting(self, name: str) -> str | None:
+        """Return a server setting (such as the admin token hash) or None."""
+
+    async def set_setting(self, name: str, value: str) -> None:
+        """Store a server setting."""

@@ -1,0 +1,1 @@
+"""Thin adapters from one wire protocol to the core's ``Session`` interface."""

@@ -1,0 +1,315 @@
+"""The native protocol over an aiohttp WebSocket: ``GET /v1/connect``.
+
+Feeds each binary message to :class:`~backchannel.wire.native.NativeConnection`, resolves
+replies, and reports sessions and events to the :class:`~backchannel.core.relay.Relay`.
+Authentication is decided by the core's :class:`~backchannel.core.apps.AppService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from backchannel.core import metrics
+from backchannel.core.apps import AppService
+from backchannel.core.outcomes import (
+    DeviceBusy,
+    DeviceDisconnected,
+    DeviceError,
+    DeviceOffline,
+    NoReply,
+    ShuttingDown,
+    TimedOutBeforeDelivery,
+)
+from backchannel.core.relay import Relay
+from backchannel.core.session import CloseReason, SessionStats
+from backchannel.wire.errors import ProtocolError
+from backchannel.wire.native import SUBPROTOCOL, Frame, NativeConnection, Role
+from backchannel.wire.native.frames import Event, Pong, Reply, StreamOpen
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/connect"
+
+#: WebSocket close codes of the native protocol (docs/protocol.md, "Close codes").
+CLOSE_CODES: dict[CloseReason, int] = {
+    CloseReason.NORMAL: 1000,
+    CloseReason.PEER_CLOSED: 1000,
+    CloseReason.SHUTDOWN: 1001,
+    CloseReason.PROTOCOL_ERROR: 4000,
+    CloseReason.AUTH_FAILED: 4001,
+    CloseReason.TAKEOVER: 4002,
+    CloseReason.DETACHED: 4003,
+    CloseReason.HEARTBEAT_TIMEOUT: 4004,
+    CloseReason.REVOKED: 4005,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NativeSettings:
+    """Per-connection limits and timers announced to the device in HELLO."""
+
+    max_frame: int
+    heartbeat: float
+    timeout: float
+    max_inflight: int
+    server_name: str
+
+
+def _remote(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return request.remote or ""
+
+
+class NativeSession:
+    """A device session on the native protocol; implements ``core.session.Session``."""
+
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_loop",
+        "_max_inflight",
+        "_pending",
+        "_relay",
+        "_ws",
+        "app_id",
+        "device_id",
+        "session_id",
+        "stats",
+    )
+    transport = "native"
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        conn: NativeConnection,
+        relay: Relay,
+        app_id: str,
+        device_id: str,
+        stats: SessionStats,
+        max_inflight: int,
+    ) -> None:
+        self._ws = ws
+        self._conn = conn
+        self._relay = relay
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._closed = False
+        self._max_inflight = max_inflight
+        self.app_id = app_id
+        self.device_id = device_id
+        self.session_id = secrets.token_hex(8)
+        self.stats = stats
+
+    async def call(self, body: bytes, method: str, timeout: float) -> bytes:
+        """Send a CALL frame and wait for its REPLY (docs/protocol.md, "Calls")."""
+        if self._closed:
+            raise DeviceOffline(f"device {self.device_id} is not connected")
+        if len(self._pending) >= self._max_inflight:
+            raise DeviceBusy(f"device {self.device_id} has {len(self._pending)} calls in flight")
+        call_id, frame = self._conn.call(body, method, int(timeout * 1000))
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._pending[call_id] = future
+        self.stats.calls += 1
+        delivered = False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ws.send_bytes(frame)
+                delivered = True
+                self.stats.tx_bytes += len(frame)
+                self.stats.tx_messages += 1
+                return await future
+        except TimeoutError:
+            self.stats.errors += 1
+            if delivered:
+                self._send_soon(self._conn.cancel(call_id))
+                raise NoReply(timeout) from None
+            raise TimedOutBeforeDelivery(timeout) from None
+        except (ConnectionError, RuntimeError) as exc:
+            self.stats.errors += 1
+            raise DeviceDisconnected(f"device disconnected: {exc}") from None
+        finally:
+            del self._pending[call_id]
+
+    def in_flight(self) -> int:
+        """Calls waiting for a reply."""
+        return len(self._pending)
+
+    def tick(self, now: float) -> None:
+        """Send a PING when due; close the session when the device went silent."""
+        if self._closed:
+            return
+        if self._conn.is_dead(now):
+            self._relay.spawn(
+                self.close(CloseReason.HEARTBEAT_TIMEOUT, "no heartbeat from the device")
+            )
+            return
+        ping = self._conn.heartbeat(now)
+        if ping is not None:
+            self._send_soon(ping)
+
+    def _send_soon(self, frame: bytes) -> None:
+        self._relay.spawn(self._send_quietly(frame))
+
+    async def _send_quietly(self, frame: bytes) -> None:
+        # A broken connection is noticed and cleaned up by the receive loop.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.send_bytes(frame)
+
+    async def close(self, reason: CloseReason, detail: str = "") -> None:
+        """Fail calls in flight and close the WebSocket with the reason's close code."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_pending(reason)
+        message = (detail or reason.value).encode()[:120]
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.close(code=CLOSE_CODES[reason], message=message)
+
+    def _fail_pending(self, reason: CloseReason) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(DeviceDisconnected(f"device disconnected ({reason.value})"))
+
+    async def run(self) -> CloseReason:
+        """Read frames until the connection ends; return why it ended."""
+        ws, conn, stats = self._ws, self._conn, self.stats
+        monotonic, wall = time.monotonic, time.time
+        pending = self._pending
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.BINARY:
+                data: bytes = msg.data
+                stats.rx_bytes += len(data)
+                stats.rx_messages += 1
+                stats.last_seen = wall()
+                try:
+                    frame = conn.receive_message(data, monotonic())
+                except ProtocolError as exc:
+                    return await self._protocol_error(str(exc), exc.close_code)
+                if isinstance(frame, Reply):
+                    future = pending.get(frame.call_id)
+                    if future is None or future.done():
+                        metrics.LATE_REPLIES.inc()
+                    elif frame.error:
+                        future.set_exception(DeviceError(frame.body.decode(errors="replace")))
+                    else:
+                        future.set_result(frame.body)
+                    continue
+                await self._control_frame(frame)
+            elif msg.type is WSMsgType.TEXT:
+                return await self._protocol_error("text messages are not part of backchannel.v1")
+            else:
+                # CLOSE, CLOSING, CLOSED or ERROR (for example a frame above max_msg_size).
+                self._closed = True
+                self._fail_pending(CloseReason.PEER_CLOSED)
+                return CloseReason.PEER_CLOSED
+
+    async def _control_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Event):
+            self._relay.device_event(self, frame.name, frame.data)
+            if frame.event_id:
+                await self._send_quietly(self._conn.event_ack(frame.event_id))
+        elif isinstance(frame, Pong):
+            if self._conn.rtt is not None:
+                self.stats.latency_ms = self._conn.rtt * 1000.0
+        elif isinstance(frame, StreamOpen):
+            # Streams are specified for tunnels; until a stream handler exists, refuse politely.
+            reset = self._conn.reset_stream(frame.stream_id, 1, "streams are not enabled")
+            await self._send_quietly(reset)
+        for out in self._conn.data_to_send():
+            await self._send_quietly(out)
+
+    async def _protocol_error(self, detail: str, code: int = 4000) -> CloseReason:
+        metrics.PROTOCOL_ERRORS.labels(self.transport).inc()
+        log.warning("protocol error from %s/%s: %s", self.app_id, self.device_id, detail)
+        self._closed = True
+        self._fail_pending(CloseReason.PROTOCOL_ERROR)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._ws.close(code=code, message=detail.encode()[:120])
+        return CloseReason.PROTOCOL_ERROR
+
+
+class NativeTransport:
+    """The ``/v1/connect`` endpoint."""
+
+    def __init__(self, relay: Relay, apps: AppService, settings: NativeSettings) -> None:
+        self._relay = relay
+        self._apps = apps
+        self._settings = settings
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the endpoint."""
+        app.router.add_get(PATH, self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Upgrade, authenticate, announce the session and run it to its end."""
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if SUBPROTOCOL not in offered:
+            return web.Response(
+                status=400,
+                content_type="application/json",
+                body=orjson.dumps(
+                    {
+                        "error": "unsupported_protocol",
+                        "detail": f"offer the WebSocket subprotocol {SUBPROTOCOL!r}",
+                    }
+                ),
+            )
+        s = self._settings
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            compress=False,  # about 30 KB per connection; devices rarely benefit
+            max_msg_size=s.max_frame,
+            autoping=True,
+            heartbeat=None,  # our own PING frames, swept by one timer for all sessions
+            timeout=2.0,
+        )
+        await ws.prepare(request)
+        app_id = request.headers.get("X-Backchannel-App") or request.query.get("app", "")
+        device_id = request.headers.get("X-Backchannel-Device") or request.query.get("device", "")
+        key = _bearer(request.headers.get("Authorization")) or request.query.get("key")
+        verdict = await self._apps.authenticate_device(app_id, device_id, key)
+        if not verdict.accepted:
+            log.info("device auth failed: %s/%s (%s)", app_id, device_id, verdict.value)
+            await ws.close(code=4001, message=f"authentication failed: {verdict.value}".encode())
+            return ws
+        now = time.monotonic()
+        conn = NativeConnection(
+            Role.SERVER,
+            max_frame=s.max_frame,
+            heartbeat=s.heartbeat,
+            timeout=s.timeout,
+            now=now,
+        )
+        wall = time.time()
+        stats = SessionStats(connected_at=wall, remote=_remote(request), last_seen=wall)
+        stats.info = request.headers.get("User-Agent", "")[:200]
+        session = NativeSession(ws, conn, self._relay, app_id, device_id, stats, s.max_inflight)
+        await ws.send_bytes(conn.hello(session.session_id, s.server_name))
+        try:
+            await self._relay.register(session)
+        except ShuttingDown:
+            await session.close(CloseReason.SHUTDOWN, "server shutting down")
+            return ws
+        reason = CloseReason.PEER_CLOSED
+        try:
+            reason = await session.run()
+        finally:
+            await self._relay.unregister(session, reason)
+        return ws
+
+
+def _bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None

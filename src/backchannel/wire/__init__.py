@@ -1,0 +1,1 @@
+"""Sans-I/O wire protocols: bytes in, events out. No asyncio, no sockets, no clocks."""
