@@ -135,7 +135,9 @@ class ServerProcess:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+                raise RuntimeError(
+                    f"server exited: {self.proc.stdout.read() if self.proc.stdout else ''}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return

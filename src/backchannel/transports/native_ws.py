@@ -74,6 +74,7 @@ class NativeSession:
     """A device session on the native protocol; implements ``core.session.Session``."""
 
     __slots__ = (
+        "_close_reason",
         "_closed",
         "_conn",
         "_loop",
@@ -104,6 +105,7 @@ class NativeSession:
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._closed = False
+        self._close_reason = CloseReason.PEER_CLOSED
         self._max_inflight = max_inflight
         self.app_id = app_id
         self.device_id = device_id
@@ -170,6 +172,7 @@ class NativeSession:
         if self._closed:
             return
         self._closed = True
+        self._close_reason = reason
         self._fail_pending(reason)
         message = (detail or reason.value).encode()[:120]
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -210,9 +213,10 @@ class NativeSession:
                 return await self._protocol_error("text messages are not part of backchannel.v1")
             else:
                 # CLOSE, CLOSING, CLOSED or ERROR (for example a frame above max_msg_size).
+                # After our own close() the reason is ours; otherwise the peer went away.
                 self._closed = True
-                self._fail_pending(CloseReason.PEER_CLOSED)
-                return CloseReason.PEER_CLOSED
+                self._fail_pending(self._close_reason)
+                return self._close_reason
 
     async def _control_frame(self, frame: Frame) -> None:
         if isinstance(frame, Event):

@@ -1,0 +1,73 @@
+"""An in-process store on plain dicts; nothing survives the process."""
+
+from __future__ import annotations
+
+from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential
+
+
+class MemoryStore:
+    """A :class:`~backchannel.state.store.Store` kept in dicts, for tests and single runs."""
+
+    def __init__(self) -> None:
+        self._apps: dict[str, AppRecord] = {}
+        self._creds: dict[tuple[str, str], DeviceCredential] = {}
+        self._settings: dict[str, str] = {}
+
+    async def open(self) -> None:
+        """Do nothing: there is nothing to connect to."""
+
+    async def close(self) -> None:
+        """Do nothing; the data stays until the object is dropped."""
+
+    async def create_app(self, app: AppRecord) -> None:
+        """Insert a new application."""
+        if app.app_id in self._apps:
+            raise AlreadyExists(f"app {app.app_id!r} exists")
+        self._apps[app.app_id] = app
+
+    async def get_app(self, app_id: str) -> AppRecord | None:
+        """Return one application or None."""
+        return self._apps.get(app_id)
+
+    async def list_apps(self) -> list[AppRecord]:
+        """Return all applications, oldest first."""
+        return sorted(self._apps.values(), key=lambda a: (a.created_at, a.app_id))
+
+    async def update_app(self, app: AppRecord) -> bool:
+        """Replace the record with the same ``app_id``; False when there is none."""
+        if app.app_id not in self._apps:
+            return False
+        self._apps[app.app_id] = app
+        return True
+
+    async def delete_app(self, app_id: str) -> bool:
+        """Delete an application and its credentials; False when there was none."""
+        # Credentials go even when the app is missing, so orphans never outlive a delete.
+        for key in [k for k in self._creds if k[0] == app_id]:
+            del self._creds[key]
+        return self._apps.pop(app_id, None) is not None
+
+    async def put_device_credential(self, cred: DeviceCredential) -> None:
+        """Insert or replace a device credential."""
+        self._creds[(cred.app_id, cred.device_id)] = cred
+
+    async def get_device_credential(self, app_id: str, device_id: str) -> DeviceCredential | None:
+        """Return one device credential or None."""
+        return self._creds.get((app_id, device_id))
+
+    async def list_device_credentials(self, app_id: str) -> list[DeviceCredential]:
+        """Return the credentials of one application, oldest first."""
+        creds = [c for c in self._creds.values() if c.app_id == app_id]
+        return sorted(creds, key=lambda c: (c.created_at, c.device_id))
+
+    async def delete_device_credential(self, app_id: str, device_id: str) -> bool:
+        """Delete one credential; False when there was none."""
+        return self._creds.pop((app_id, device_id), None) is not None
+
+    async def get_setting(self, name: str) -> str | None:
+        """Return a server setting or None."""
+        return self._settings.get(name)
+
+    async def set_setting(self, name: str, value: str) -> None:
+        """Store a server setting."""
+        self._settings[name] = value

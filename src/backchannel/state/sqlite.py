@@ -1,0 +1,331 @@
+"""A store in one SQLite file, driven from a single worker thread off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, StoreError
+
+T = TypeVar("T")
+
+# Applied in order; the database's PRAGMA user_version is the count already applied.
+# Append new entries, never edit old ones.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE apps (
+        app_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        webhook_url TEXT,
+        default_timeout REAL,
+        allow_open_attach INTEGER NOT NULL,
+        allowed_devices TEXT NOT NULL
+    );
+    CREATE INDEX apps_by_creation ON apps (created_at, app_id);
+    CREATE TABLE device_credentials (
+        app_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        key_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tags TEXT NOT NULL,
+        PRIMARY KEY (app_id, device_id)
+    );
+    CREATE INDEX device_credentials_by_creation
+        ON device_credentials (app_id, created_at, device_id);
+    CREATE TABLE settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+
+_APP_COLUMNS = (
+    "app_id, name, secret_hash, created_at, webhook_url, default_timeout, "
+    "allow_open_attach, allowed_devices"
+)
+_CRED_COLUMNS = "app_id, device_id, key_hash, created_at, tags"
+
+
+def _dump_tuple(values: tuple[str, ...]) -> str:
+    return orjson.dumps(list(values)).decode()
+
+
+def _load_tuple(text: str) -> tuple[str, ...]:
+    return tuple(orjson.loads(text))
+
+
+def _app_params(app: AppRecord) -> tuple[Any, ...]:
+    return (
+        app.app_id,
+        app.name,
+        app.secret_hash,
+        app.created_at,
+        app.webhook_url,
+        app.default_timeout,
+        int(app.allow_open_attach),
+        _dump_tuple(app.allowed_devices),
+    )
+
+
+def _app_from_row(row: tuple[Any, ...]) -> AppRecord:
+    return AppRecord(
+        app_id=row[0],
+        name=row[1],
+        secret_hash=row[2],
+        created_at=row[3],
+        webhook_url=row[4],
+        default_timeout=row[5],
+        allow_open_attach=bool(row[6]),
+        allowed_devices=_load_tuple(row[7]),
+    )
+
+
+def _cred_from_row(row: tuple[Any, ...]) -> DeviceCredential:
+    return DeviceCredential(
+        app_id=row[0],
+        device_id=row[1],
+        key_hash=row[2],
+        created_at=row[3],
+        tags=_load_tuple(row[4]),
+    )
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # The connection is in autocommit mode, so multi-statement work opens its own transaction.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(f"database schema version {version} is newer than this backchannel")
+    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+        # One script per migration so the DDL and the version bump commit together.
+        try:
+            conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+class SqliteStore:
+    """A :class:`~backchannel.state.store.Store` in a SQLite file in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor: ThreadPoolExecutor | None = None
+        # Created, used and closed only on the executor's single thread.
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    async def open(self) -> None:
+        """Create the file and its directory if needed, and bring the schema up to date."""
+        if self._executor is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backchannel-sqlite")
+        self._executor = executor
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._connect)
+        except BaseException:
+            self._executor = None
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread; idempotent."""
+        executor = self._executor
+        if executor is None:
+            return
+        # Detach first so later calls fail fast; work queued earlier still runs before the close.
+        self._executor = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
+        finally:
+            executor.shutdown(wait=False)
+
+    def _connect(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        executor = self._executor
+        if executor is None:
+            raise StoreError("the store is not open")
+
+        def call() -> T:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("the store is not open")
+            return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    async def create_app(self, app: AppRecord) -> None:
+        """Insert a new application."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    _app_params(app),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"app {app.app_id!r} exists") from exc
+
+        await self._run(run)
+
+    async def get_app(self, app_id: str) -> AppRecord | None:
+        """Return one application or None."""
+
+        def run(conn: sqlite3.Connection) -> AppRecord | None:
+            row = conn.execute(
+                f"SELECT {_APP_COLUMNS} FROM apps WHERE app_id = ?", (app_id,)
+            ).fetchone()
+            return None if row is None else _app_from_row(row)
+
+        return await self._run(run)
+
+    async def list_apps(self) -> list[AppRecord]:
+        """Return all applications, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[AppRecord]:
+            rows = conn.execute(f"SELECT {_APP_COLUMNS} FROM apps ORDER BY created_at, app_id")
+            return [_app_from_row(row) for row in rows]
+
+        return await self._run(run)
+
+    async def update_app(self, app: AppRecord) -> bool:
+        """Replace the record with the same ``app_id``; False when there is none."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE apps SET name = ?, secret_hash = ?, created_at = ?, webhook_url = ?, "
+                "default_timeout = ?, allow_open_attach = ?, allowed_devices = ? "
+                "WHERE app_id = ?",
+                (*_app_params(app)[1:], app.app_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    async def delete_app(self, app_id: str) -> bool:
+        """Delete an application and its credentials; False when there was none."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM device_credentials WHERE app_id = ?", (app_id,))
+                return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
+
+        return await self._run(run)
+
+    async def put_device_credential(self, cred: DeviceCredential) -> None:
+        """Insert or replace a device credential."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT OR REPLACE INTO device_credentials ({_CRED_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    cred.app_id,
+                    cred.device_id,
+                    cred.key_hash,
+                    cred.created_at,
+                    _dump_tuple(cred.tags),
+                ),
+            )
+
+        await self._run(run)
+
+    async def get_device_credential(self, app_id: str, device_id: str) -> DeviceCredential | None:
+        """Return one device credential or None."""
+
+        def run(conn: sqlite3.Connection) -> DeviceCredential | None:
+            row = conn.execute(
+                f"SELECT {_CRED_COLUMNS} FROM device_credentials "
+                "WHERE app_id = ? AND device_id = ?",
+                (app_id, device_id),
+            ).fetchone()
+            return None if row is None else _cred_from_row(row)
+
+        return await self._run(run)
+
+    async def list_device_credentials(self, app_id: str) -> list[DeviceCredential]:
+        """Return the credentials of one application, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[DeviceCredential]:
+            rows = conn.execute(
+                f"SELECT {_CRED_COLUMNS} FROM device_credentials WHERE app_id = ? "
+                "ORDER BY created_at, device_id",
+                (app_id,),
+            )
+            return [_cred_from_row(row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_device_credential(self, app_id: str, device_id: str) -> bool:
+        """Delete one credential; False when there was none."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM device_credentials WHERE app_id = ? AND device_id = ?",
+                (app_id, device_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    async def get_setting(self, name: str) -> str | None:
+        """Return a server setting or None."""
+
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(run)
+
+    async def set_setting(self, name: str, value: str) -> None:
+        """Store a server setting."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+
+        await self._run(run)
