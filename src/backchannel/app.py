@@ -7,6 +7,7 @@ below it (DESIGN.md, "Imports").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -161,8 +162,24 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         log.info("stopped")
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one: every device holds a socket."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
+
+
 def run(config: Config) -> None:
     """Blocking entry point: uvloop when available, logging set up from the config."""
+    raise_fd_limit()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from backchannel import __version__
+from backchannel.cli.apps import apps, devices
+from backchannel.cli.device_agent import device
+from backchannel.cli.send import send
 from backchannel.cli.serve import serve
 
 
@@ -15,6 +18,10 @@ def cli() -> None:
 
 
 cli.add_command(serve)
+cli.add_command(apps)
+cli.add_command(devices)
+cli.add_command(send)
+cli.add_command(device)
 
 
 def main() -> None:

@@ -1,0 +1,203 @@
+"""``backchannel send``: call a device from the shell through the app REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import click
+import orjson
+
+from backchannel.cli.admin_backend import connect_error
+from backchannel.cli.output import print_json
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+TIMEOUT_HEADER = "X-Backchannel-Timeout"
+# Extra client-side patience over the call timeout, for the trip to and from the server.
+CLIENT_GRACE = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The HTTP outcome of one send."""
+
+    status: int
+    body: bytes
+    timeout: float | None
+
+
+def _segment(value: str) -> str:
+    # Quoting keeps a stray "/" or "?" in an id from changing the route.
+    return quote(value, safe=":@")
+
+
+async def send_call(
+    server: str,
+    app_id: str,
+    device_id: str,
+    body: bytes,
+    authorization: str,
+    *,
+    timeout: float | None = None,
+    method: str | None = None,
+) -> SendResult:
+    """POST ``body`` to the device's ``send`` route and return the status, reply and timeout.
+
+    Raises:
+        click.ClickException: the server cannot be reached.
+    """
+    import aiohttp  # here, not at the top, so the CLI starts quickly
+
+    url = (
+        f"{server.rstrip('/')}/v1/applications/{_segment(app_id)}"
+        f"/devices/{_segment(device_id)}/send"
+    )
+    params: dict[str, str] = {}
+    if timeout is not None:
+        params["timeout"] = f"{timeout:g}"
+    if method:
+        params["method"] = method
+    headers = {"Authorization": authorization, "Content-Type": "application/octet-stream"}
+    # The server enforces the call timeout; the client only guards against a dead server.
+    client_timeout = aiohttp.ClientTimeout(
+        total=timeout + CLIENT_GRACE if timeout is not None else None, sock_connect=10
+    )
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=client_timeout) as session,
+            session.post(url, data=body, params=params, headers=headers) as resp,
+        ):
+            raw = await resp.read()
+            echoed = resp.headers.get(TIMEOUT_HEADER)
+            return SendResult(resp.status, raw, _float_or_none(echoed))
+    except aiohttp.ClientConnectorError as exc:
+        raise click.ClickException(
+            f"cannot connect to the server at {server} ({connect_error(exc)}); "
+            "is `backchannel serve` running there? (--server, BACKCHANNEL_SERVER)"
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(f"request to {server} failed: {exc}") from None
+    except TimeoutError:
+        raise click.ClickException(f"no answer from {server} in time") from None
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_body(result: SendResult) -> dict[str, Any]:
+    """The server's JSON error, or a stand-in when something else (a proxy) answered."""
+    try:
+        data = orjson.loads(result.body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    text = result.body[:300].decode("utf-8", "replace").strip()
+    return {"msg": f"{result.status}", "error": "http_error", "detail": text}
+
+
+def _reply_json(result: SendResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": result.status, "timeout": result.timeout}
+    try:
+        out["body"] = result.body.decode("utf-8")
+    except UnicodeDecodeError:
+        # Replies are opaque bytes; JSON can carry binary ones only as base64.
+        out["body_base64"] = base64.b64encode(result.body).decode()
+    return out
+
+
+@click.command()
+@click.argument("app_id", metavar="APP")
+@click.argument("device_id", metavar="DEVICE")
+@click.argument("body", required=False)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Call timeout in seconds (else the app's, else the server's default).",
+)
+@click.option("--method", "-m", metavar="M", help="Method name the device's handler sees.")
+@click.option(
+    "--secret",
+    envvar="BACKCHANNEL_APP_SECRET",
+    metavar="S",
+    help="The app secret (or BACKCHANNEL_APP_SECRET).",
+)
+@click.option(
+    "--admin-token",
+    envvar="BACKCHANNEL_ADMIN_TOKEN",
+    metavar="TOKEN",
+    help="Use the admin token instead of an app secret.",
+)
+@click.option(
+    "--server",
+    envvar="BACKCHANNEL_SERVER",
+    default=DEFAULT_SERVER,
+    show_default=True,
+    metavar="URL",
+    help="The relay (or BACKCHANNEL_SERVER).",
+)
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the body from standard input.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON object (status, timeout, body or error) instead of the raw reply.",
+)
+@click.pass_context
+def send(
+    ctx: click.Context,
+    app_id: str,
+    device_id: str,
+    body: str | None,
+    timeout: float | None,
+    method: str | None,
+    secret: str | None,
+    admin_token: str | None,
+    server: str,
+    from_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Send BODY to a device and write its reply bytes to stdout.
+
+    Errors print the server's detail on stderr and exit 1 (for example: the device is
+    offline, the call timed out, or the device answered with an error).
+    """
+    if not server.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--server")
+    if from_stdin == (body is not None):
+        raise click.UsageError("give the BODY argument or --stdin, one of the two")
+    if secret:
+        authorization = f"OAuth {secret}"
+    elif admin_token:
+        authorization = f"Bearer {admin_token}"
+    else:
+        raise click.UsageError(
+            "no credential: pass --secret (or set BACKCHANNEL_APP_SECRET), or --admin-token"
+        )
+    payload = sys.stdin.buffer.read() if from_stdin else (body or "").encode()
+    result = asyncio.run(
+        send_call(server, app_id, device_id, payload, authorization, timeout=timeout, method=method)
+    )
+    if 200 <= result.status < 300:
+        if as_json:
+            print_json(_reply_json(result))
+        else:
+            # Bytes go to the binary stdout unchanged: replies need not be text.
+            click.echo(result.body, nl=False)
+        return
+    error = _error_body(result)
+    detail = error.get("detail") or error.get("msg") or f"HTTP {result.status}"
+    code = f"{result.status} {error['error']}" if error.get("error") else f"{result.status}"
+    if as_json:
+        print_json({"status": result.status, **error})
+    click.echo(f"Error: {detail} ({code})", err=True)
+    ctx.exit(1)
