@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from backchannel.app import APPS, RELAY, build_app
+from backchannel.app import APPS, RELAY, build_app, graceful_stop
 from backchannel.config import load_config
 from backchannel.core.apps import AppService, AppSettings
 from backchannel.core.relay import Relay
@@ -35,6 +35,7 @@ class RunningServer:
     relay: Relay
     apps: AppService
     runner: web.AppRunner
+    site: web.TCPSite
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,7 +55,7 @@ class RunningServer:
 
     async def stop(self) -> None:
         """Graceful shutdown, as on SIGTERM."""
-        await self.runner.cleanup()
+        await graceful_stop(self.runner, self.site)
 
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -82,7 +83,9 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        srv = RunningServer(f"http://127.0.0.1:{port}", ADMIN_TOKEN, app[RELAY], app[APPS], runner)
+        srv = RunningServer(
+            f"http://127.0.0.1:{port}", ADMIN_TOKEN, app[RELAY], app[APPS], runner, site
+        )
         started.append(srv)
         return srv
 

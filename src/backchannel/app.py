@@ -158,8 +158,19 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down: finishing calls in flight (up to %gs)", config.shutdown_grace)
     finally:
-        await runner.cleanup()
+        await graceful_stop(runner, site)
         log.info("stopped")
+
+
+async def graceful_stop(runner: web.AppRunner, site: web.BaseSite) -> None:
+    """Stop listening, drain device calls, close sessions, then stop aiohttp.
+
+    The drain must come before ``runner.cleanup()``: from its first step on, aiohttp drops
+    every byte arriving on open connections, so replies to calls in flight would be lost.
+    """
+    await site.stop()
+    await runner.app[RELAY].shutdown()
+    await runner.cleanup()
 
 
 def raise_fd_limit() -> int:

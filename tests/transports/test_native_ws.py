@@ -157,7 +157,7 @@ class TestHeartbeats:
         self, make_server: ServerFactory, http: aiohttp.ClientSession
     ) -> None:
         server = await make_server(heartbeat_interval=0.2, heartbeat_timeout=1.0)
-        app_id, secret, dev = await device(server, http)
+        app_id, _, dev = await device(server, http)
         dev.serve()
         assert dev.hello.heartbeat == 0.2
         await wait_for(lambda: any(isinstance(f, Ping) for f in dev.frames), timeout=3)

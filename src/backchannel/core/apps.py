@@ -54,12 +54,25 @@ class DeviceAuth(Enum):
 
 @dataclass(frozen=True, slots=True)
 class AppSettings:
-    """The changeable settings of an application (None in an update means: keep)."""
+    """The changeable settings of an application (None in an update means: keep).
+
+    ``clear`` names fields an update resets to their default (no webhook, the server's
+    timeout, no open attach, no allow-list).
+    """
 
     webhook_url: str | None = None
     default_timeout: float | None = None
     allow_open_attach: bool | None = None
     allowed_devices: tuple[str, ...] | None = None
+    clear: tuple[str, ...] = ()
+
+
+_CLEARED: dict[str, object] = {
+    "webhook_url": None,
+    "default_timeout": None,
+    "allow_open_attach": False,
+    "allowed_devices": (),
+}
 
 
 def _check_settings(settings: AppSettings) -> None:
@@ -168,9 +181,15 @@ class AppService:
         app = await self._store.get_app(app_id)
         if app is None:
             raise NotFound(f"application {app_id} does not exist")
-        changes = {k: v for k, v in dataclasses.asdict(settings).items() if v is not None}
+        changes = {
+            k: v for k, v in dataclasses.asdict(settings).items() if v is not None and k != "clear"
+        }
         if changes.get("webhook_url") == "":
             changes["webhook_url"] = None
+        for name in settings.clear:
+            if name not in _CLEARED:
+                raise InvalidInput(f"{name} cannot be cleared")
+            changes[name] = _CLEARED[name]
         app = dataclasses.replace(app, **changes)
         await self._store.update_app(app)
         self._cache.pop(app_id, None)
@@ -227,6 +246,7 @@ class AppService:
 
     async def revoke(self, app_id: str, device_id: str) -> bool:
         """Delete a device's key."""
+        await self.require(app_id)
         return await self._store.delete_device_credential(app_id, device_id)
 
     async def authenticate_device(self, app_id: str, device_id: str, key: str | None) -> DeviceAuth:

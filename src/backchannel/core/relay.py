@@ -74,7 +74,10 @@ class Relay:
                     log.exception("heartbeat tick failed for %s", session.device_id)
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Refuse new work, let calls in flight finish within ``grace``, close every session."""
+        """Refuse new work, let calls in flight finish within ``grace``, close every session.
+
+        Idempotent: a second call finds nothing left to close.
+        """
         self.closing = True
         grace = self.limits.shutdown_grace if grace is None else grace
         deadline = self.clock.monotonic() + grace
@@ -163,6 +166,8 @@ class Relay:
         Raises:
             CallFailed: a subclass naming the outcome (offline, timeout, device error...).
         """
+        if self.closing:
+            raise ShuttingDown("server shutting down")
         session = self.hub.get(app_id, device_id)
         if session is None:
             return await self._call_elsewhere(app_id, device_id, body, method, timeout)
@@ -181,8 +186,6 @@ class Relay:
     async def _call_elsewhere(
         self, app_id: str, device_id: str, body: bytes, method: str, timeout: float
     ) -> bytes:
-        if self.closing:
-            raise ShuttingDown("server shutting down")
         node = await self.broker.owner(app_id, device_id)
         if node is None or node == self.node_id:
             metrics.CALLS.labels(DeviceOffline.code).inc()

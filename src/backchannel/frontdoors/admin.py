@@ -64,7 +64,14 @@ def _settings(body: dict[str, Any]) -> AppSettings:
         not isinstance(allowed, list) or not all(isinstance(d, str) for d in allowed)
     ):
         raise ApiError(400, "invalid_field", "allowed_devices must be a list of device ids")
+    # An explicit null resets a field to its default; an absent field keeps its value.
+    clear = tuple(
+        k
+        for k in ("webhook_url", "default_timeout", "allowed_devices")
+        if k in body and body[k] is None
+    )
     return AppSettings(
+        clear=clear,
         webhook_url=url,
         default_timeout=float(timeout) if timeout is not None else None,
         allow_open_attach=open_attach,
@@ -182,7 +189,11 @@ class AdminApi:
         """Delete a device key and close the device's session."""
         self._require_admin(request)
         app_id, device_id = request.match_info["app_id"], request.match_info["device_id"]
-        if not await self._apps.revoke(app_id, device_id):
+        try:
+            revoked = await self._apps.revoke(app_id, device_id)
+        except NotFound as exc:
+            raise ApiError(404, "unknown_app", str(exc)) from None
+        if not revoked:
             raise ApiError(404, "unknown_device", f"device {device_id} is not provisioned")
         await self._relay.detach(app_id, device_id, CloseReason.REVOKED)
         return json_response({"revoked": device_id})
