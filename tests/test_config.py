@@ -1,0 +1,76 @@
+"""Configuration precedence: defaults < TOML file < BACKCHANNEL_* variables < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from backchannel.config import load_config
+
+
+def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "BACKCHANNEL_PORT",
+        "BACKCHANNEL_HOST",
+        "BACKCHANNEL_DEFAULT_TIMEOUT",
+        "BACKCHANNEL_ADMIN_TOKEN",
+        "BACKCHANNEL_DATA_DIR",
+        "BACKCHANNEL_STORE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config()
+    assert config.port == 8080
+    assert config.default_timeout == 30
+    assert config.data_dir == Path("backchannel-data")
+    assert config.store == "sqlite"
+    assert config.max_body_size >= 10 * 1000 * 1000
+    assert config.admin_token is None
+
+
+def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "backchannel.toml"
+    toml.write_text(
+        'port = 7000\nhost = "127.0.0.2"\ndefault_timeout = 12.5\nlog_level = "debug"\n'
+    )
+    config = load_config(toml)
+    assert (config.port, config.host, config.default_timeout) == (7000, "127.0.0.2", 12.5)
+    monkeypatch.setenv("BACKCHANNEL_PORT", "7100")
+    monkeypatch.setenv("BACKCHANNEL_DEFAULT_TIMEOUT", "3")
+    config = load_config(toml)
+    assert (config.port, config.host, config.default_timeout) == (7100, "127.0.0.2", 3)
+    config = load_config(toml, port=7200, default_timeout=None)
+    assert (config.port, config.default_timeout) == (7200, 3)
+
+
+def test_admin_token_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKCHANNEL_ADMIN_TOKEN", "s3cr3t-token-value")
+    config = load_config()
+    assert config.admin_token is not None
+    assert config.admin_token.get_secret_value() == "s3cr3t-token-value"
+    assert "s3cr3t" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"heartbeat_interval": 80}, "heartbeat_timeout must be longer"),
+        ({"default_timeout": 500}, "default_timeout must not exceed max_timeout"),
+        ({"port": 70000}, "port"),
+        ({"default_timeout": 0}, "default_timeout"),
+        ({"tls_cert": "x.pem"}, "tls_cert and tls_key go together"),
+    ],
+)
+def test_invalid_values(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        load_config(**overrides)
+
+
+def test_unknown_toml_key_and_missing_file(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("prot = 1\n")
+    with pytest.raises(ValidationError, match="prot"):
+        load_config(toml)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml")
