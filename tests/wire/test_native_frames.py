@@ -324,3 +324,23 @@ def test_event_round_trip(name: str, data: bytes, event_id: int) -> None:
 def test_stream_data_round_trip(stream_id: int, data: bytes, fin: bool) -> None:
     frame = StreamData(stream_id, data, fin)
     assert parse_frame(frame.serialize()) == frame
+
+
+class TestHelloValues:
+    """docs/protocol.md § Session start: timers must be usable."""
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"heartbeat": float("nan")},
+            {"heartbeat": -1.0},
+            {"timeout": 0.0},
+            {"max_frame": -5},
+            {"max_frame": 1 << 50},
+        ],
+    )
+    def test_rejects_unusable_values(self, fields: dict[str, float]) -> None:
+        base = {"session": "s", "heartbeat": 25.0, "timeout": 75.0, "max_frame": 1024}
+        payload = msgpack.packb({**base, **fields})
+        with pytest.raises(MalformedFrame):
+            parse_frame(HEADER.pack(FrameType.HELLO, 0, 0) + payload)

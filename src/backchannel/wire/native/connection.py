@@ -175,6 +175,8 @@ class NativeConnection:
     ) -> None:
         sid = frame.stream_id
         if isinstance(frame, StreamOpen):
+            if sid == 0:
+                raise RemoteProtocolError("stream id 0 is reserved")
             if sid in self._streams:
                 raise RemoteProtocolError(f"stream {sid} is already open")
             if (sid % 2 == 1) == (self.role is Role.SERVER):

@@ -32,6 +32,7 @@ _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 MAX_ID = 0xFFFFFFFF
+MAX_FRAME_LIMIT = 1 << 40  # far above any real limit; keeps msgpack round trips safe
 
 FLAG_ERROR = 0x01  # REPLY: the body is a UTF-8 error message from the device
 FLAG_FIN = 0x01  # STREAM_OPEN / STREAM_DATA: the sender will send no more data
@@ -103,7 +104,7 @@ class Hello:
         if not isinstance(data, dict):
             raise MalformedFrame("HELLO: payload is not a map")
         try:
-            return cls(
+            hello = cls(
                 session_id=str(data["session"]),
                 heartbeat=float(data["heartbeat"]),
                 timeout=float(data["timeout"]),
@@ -114,6 +115,12 @@ class Hello:
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # OverflowError: int() of an infinite float, e.g. {"max_frame": inf}.
             raise MalformedFrame(f"HELLO: bad field {exc}") from exc
+        # Timers drive the device's heartbeat loop: NaN or negative values would spin it.
+        if not (0 < hello.heartbeat < 86400 and 0 < hello.timeout < 86400):
+            raise MalformedFrame("HELLO: heartbeat and timeout must be positive and finite")
+        if not 0 <= hello.max_frame <= MAX_FRAME_LIMIT:
+            raise MalformedFrame("HELLO: max_frame out of range")
+        return hello
 
     def serialize(self) -> bytes:
         """Encode the frame."""
