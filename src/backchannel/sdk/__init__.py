@@ -1,0 +1,50 @@
+"""Python SDKs: :class:`Device` (the device side) and :class:`Client` / :class:`AsyncClient`."""
+
+from backchannel.sdk.client import AsyncClient, Client
+from backchannel.sdk.device import Device
+from backchannel.sdk.errors import (
+    AuthenticationFailed,
+    BackchannelError,
+    BadRequest,
+    BodyTooLarge,
+    CallTimeout,
+    DeviceBusy,
+    DeviceConnectionError,
+    DeviceDisconnected,
+    DeviceError,
+    DeviceOffline,
+    NoReply,
+    NotConnected,
+    NotFound,
+    Revoked,
+    ServerUnavailable,
+    SessionReplaced,
+    TimedOutBeforeDelivery,
+    Unauthorized,
+    error_from_response,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AuthenticationFailed",
+    "BackchannelError",
+    "BadRequest",
+    "BodyTooLarge",
+    "CallTimeout",
+    "Client",
+    "Device",
+    "DeviceBusy",
+    "DeviceConnectionError",
+    "DeviceDisconnected",
+    "DeviceError",
+    "DeviceOffline",
+    "NoReply",
+    "NotConnected",
+    "NotFound",
+    "Revoked",
+    "ServerUnavailable",
+    "SessionReplaced",
+    "TimedOutBeforeDelivery",
+    "Unauthorized",
+    "error_from_response",
+]
