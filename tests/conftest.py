@@ -55,7 +55,7 @@ class RunningServer:
 
     async def stop(self) -> None:
         """Graceful shutdown, as on SIGTERM."""
-        await graceful_stop(self.runner, self.site)
+        await graceful_stop(self.runner)
 
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]

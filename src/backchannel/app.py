@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from backchannel import __version__
 from backchannel.config import Config
@@ -127,8 +128,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=log if config.access_log else None,
-        access_log_format='%a "%m %U" %s %b %Tf',  # %U: path without the query string
+        access_log=logging.getLogger("backchannel.access") if config.access_log else None,
+        access_log_class=PathAccessLogger,
         shutdown_timeout=config.shutdown_grace + 5,
     )
     await runner.setup()
@@ -158,19 +159,36 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down: finishing calls in flight (up to %gs)", config.shutdown_grace)
     finally:
-        await graceful_stop(runner, site)
+        await graceful_stop(runner)
         log.info("stopped")
 
 
-async def graceful_stop(runner: web.AppRunner, site: web.BaseSite) -> None:
-    """Stop listening, drain device calls, close sessions, then stop aiohttp.
+async def graceful_stop(runner: web.AppRunner) -> None:
+    """Drain device calls and close sessions, then stop aiohttp.
 
+    While the relay drains, the port stays open so load balancers can see ``/healthz``
+    answer 503, and new calls and devices get a clear 503 instead of a refused connection.
     The drain must come before ``runner.cleanup()``: from its first step on, aiohttp drops
     every byte arriving on open connections, so replies to calls in flight would be lost.
     """
-    await site.stop()
     await runner.app[RELAY].shutdown()
     await runner.cleanup()
+
+
+class PathAccessLogger(AbstractAccessLogger):
+    """One line per request with the path but never the query string (it may hold keys)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Log the request."""
+        self.logger.info(
+            '%s "%s %s" %s %s %.4f',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            response.body_length,
+            time,
+        )
 
 
 def raise_fd_limit() -> int:

@@ -29,7 +29,7 @@ class Config(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="Port for everything (0: any free)")
-    data_dir: Path = Field(Path("backchannel-data"), description="SQLite file and certificates")
+    data_dir: Path = Field(Path("backchannel-data"), description="Where the SQLite file lives")
     store: Literal["sqlite", "memory"] = Field("sqlite", description="Where state lives")
     admin_token: SecretStr | None = Field(None, description="Admin token (else generated once)")
     node_id: str = Field(default_factory=_default_node_id, description="This node's id")

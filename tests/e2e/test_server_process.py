@@ -105,3 +105,16 @@ async def test_graceful_shutdown_finishes_calls_in_flight(
     out = await asyncio.to_thread(sp.stop)
     assert "shutting down" in out
     assert sp.proc is None
+
+
+async def test_access_log_omits_query_strings(
+    server_process: ServerProcessFactory, http: aiohttp.ClientSession
+) -> None:
+    sp = server_process()
+    sp.start("--access-log")
+    async with http.get(sp.url + "/v1/connect?app=a&device=d&key=SECRETKEY") as r:
+        assert r.status == 400
+    out = sp.stop()
+    line = next(line for line in out.splitlines() if "/v1/connect" in line)
+    assert '"GET /v1/connect"' in line
+    assert "SECRETKEY" not in out

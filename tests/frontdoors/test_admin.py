@@ -78,6 +78,17 @@ class TestApps:
         assert (await admin.call("GET", f"/apps/{app_id}"))[0] == 404
         assert (await admin.call("DELETE", f"/apps/{app_id}"))[0] == 404
 
+    async def test_rename_and_clear_open_attach(self, admin: Admin) -> None:
+        _, app = await admin.call("POST", "/apps", {"name": "a", "allow_open_attach": True})
+        status, changed = await admin.call(
+            "PATCH", f"/apps/{app['app_id']}", {"name": "renamed", "allow_open_attach": None}
+        )
+        assert status == 200
+        assert changed["name"] == "renamed"
+        assert changed["allow_open_attach"] is False
+        status, data = await admin.call("PATCH", f"/apps/{app['app_id']}", {"name": ""})
+        assert (status, data["error"]) == (400, "invalid_field")
+
     async def test_clear_default_timeout(self, admin: Admin) -> None:
         _, app = await admin.call("POST", "/apps", {"name": "a", "default_timeout": 5})
         status, changed = await admin.call(

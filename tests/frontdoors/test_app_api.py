@@ -400,3 +400,37 @@ class TestBadInput:
         status, reply, _ = await setup.send("dev1", body)
         assert status == 200
         assert reply == body
+
+
+class TestMoreBadInput:
+    """Edge cases found in review."""
+
+    async def test_method_name_too_long(self, setup: Setup) -> None:
+        (await setup.start()).serve()
+        status, body, _ = await setup.send("dev1", b"x", "?method=" + "m" * 256)
+        assert status == 400
+        assert orjson.loads(body)["error"] == "invalid_method"
+
+    async def test_shutdown_refuses_new_calls_with_retry_after(
+        self, setup: Setup, http: aiohttp.ClientSession
+    ) -> None:
+        """While draining, /healthz says 503 and new calls get 503 with Retry-After."""
+
+        async def slow(call: Call) -> bytes:
+            await asyncio.sleep(0.5)
+            return call.body
+
+        (await setup.start()).serve(slow)
+        in_flight = asyncio.ensure_future(setup.send("dev1", b"first"))
+        await asyncio.sleep(0.1)
+        draining = asyncio.ensure_future(setup.server.relay.shutdown(3))
+        await asyncio.sleep(0.05)
+        async with http.get(setup.server.url + "/healthz") as r:
+            assert r.status == 503
+            assert (await r.json())["status"] == "shutting_down"
+        status, body, resp = await setup.send("dev1", b"second")
+        assert status == 503
+        assert orjson.loads(body)["error"] == "shutting_down"
+        assert resp.headers["Retry-After"] == "1"
+        assert (await in_flight)[:2] == (200, b"first")
+        await draining

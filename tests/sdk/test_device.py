@@ -259,12 +259,15 @@ async def test_reconnects_after_server_restart(make_server: ServerFactory) -> No
     device = fast_device(server, app_id, key)
     codes: list[int | None] = []
     device.on_disconnect = codes.append
-    async with serving(device):
+    async with serving(device) as task:
         await server.relay.shutdown(0.1)
-        # A shutting-down server closes every new session with 1001 too: the device keeps
-        # trying (with backoff) instead of giving up.
-        await wait_for(lambda: len(codes) >= 3)
-        assert set(codes) == {1001}
+        # The session closes with 1001; while the server drains, new connections get 503
+        # before any upgrade. The device keeps trying (with backoff) instead of giving up.
+        await wait_for(lambda: codes == [1001])
+        await asyncio.sleep(0.5)
+        assert codes == [1001]
+        assert not task.done()
+        assert not device.connected
 
 
 async def test_silent_server_is_detected() -> None:

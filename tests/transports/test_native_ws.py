@@ -105,6 +105,25 @@ class TestHandshake:
         assert await send(http, server, app_id, secret, "anyone") == (200, b"ping")
         await dev.close()
 
+    async def test_open_attach_does_not_bypass_a_provisioned_key(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        app_id, _ = await server.create_app(allow_open_attach=True)
+        key = await server.provision(app_id, "owned")
+        with pytest.raises(ConnectionError, match="missing_key"):
+            await connect(http, server.ws_url, app_id, "owned", None)
+        await connect(http, server.ws_url, app_id, "owned", key)
+
+    async def test_refused_with_503_while_shutting_down(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        app_id, _ = await server.create_app()
+        key = await server.provision(app_id, "late")
+        await server.relay.shutdown(0)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, server.ws_url, app_id, "late", key)
+        assert info.value.status == 503
+
     async def test_allow_list_without_key(
         self, server: RunningServer, http: aiohttp.ClientSession
     ) -> None:

@@ -151,7 +151,11 @@ def apps() -> None:
 
 @apps.command("create", epilog=BACKENDS_HELP)
 @click.argument("name")
-@click.option("--webhook", metavar="URL", help="URL that receives the app's device events.")
+@click.option(
+    "--webhook",
+    metavar="URL",
+    help="URL for the app's device events (stored now; delivery comes with webhook support).",
+)
 @click.option(
     "--default-timeout", type=_timeout_type, metavar="S", help="Call timeout for this app."
 )

@@ -23,6 +23,7 @@ from backchannel.config import load_config
 @click.option("--heartbeat-interval", type=float, help="Native PING interval [25].")
 @click.option("--heartbeat-timeout", type=float, help="Silence before a device drops [75].")
 @click.option("--max-body-size", type=int, help="Largest body in bytes [16 MiB].")
+@click.option("--max-inflight-per-device", type=int, help="Calls in flight per device [10000].")
 @click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=None, help="Log each request.")

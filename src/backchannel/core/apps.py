@@ -64,6 +64,7 @@ class AppSettings:
     default_timeout: float | None = None
     allow_open_attach: bool | None = None
     allowed_devices: tuple[str, ...] | None = None
+    name: str | None = None
     clear: tuple[str, ...] = ()
 
 
@@ -75,7 +76,16 @@ _CLEARED: dict[str, object] = {
 }
 
 
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("name must be 1 to 200 characters")
+    return name
+
+
 def _check_settings(settings: AppSettings) -> None:
+    if settings.name is not None:
+        _check_name(settings.name)
     url = settings.webhook_url
     if url and not (url.startswith("http://") or url.startswith("https://")):
         raise InvalidInput("webhook_url must be an http:// or https:// URL")
@@ -127,9 +137,7 @@ class AppService:
         self, name: str, settings: AppSettings = AppSettings()
     ) -> tuple[AppRecord, str]:
         """Create an application; return it and its secret (shown once)."""
-        name = name.strip()
-        if not name or len(name) > 200:
-            raise InvalidInput("name must be 1 to 200 characters")
+        name = _check_name(name)
         _check_settings(settings)
         secret = new_secret()
         for _ in range(5):
@@ -184,6 +192,8 @@ class AppService:
         changes = {
             k: v for k, v in dataclasses.asdict(settings).items() if v is not None and k != "clear"
         }
+        if "name" in changes:
+            changes["name"] = _check_name(changes["name"])
         if changes.get("webhook_url") == "":
             changes["webhook_url"] = None
         for name in settings.clear:
@@ -262,5 +272,9 @@ class AppService:
                 return DeviceAuth.OK
             return DeviceAuth.BAD_KEY
         if app.allow_open_attach or device_id in app.allowed_devices:
+            # A provisioned device keeps its key even in an open app, or anyone could take
+            # over its id without one.
+            if await self._store.get_device_credential(app_id, device_id) is not None:
+                return DeviceAuth.MISSING_KEY
             return DeviceAuth.OPEN_ATTACH
         return DeviceAuth.MISSING_KEY

@@ -39,9 +39,17 @@ class SessionStats:
     tx_bytes: int = 0
     tx_messages: int = 0
     latency_ms: float | None = None
+    latency_samples: int = 0
     events: int = 0
     calls: int = 0
     errors: int = 0
+
+
+def record_latency(stats: SessionStats, rtt_ms: float) -> None:
+    """Fold one heartbeat round trip into the average shown as presence ``latency``."""
+    stats.latency_samples += 1
+    previous = stats.latency_ms or 0.0
+    stats.latency_ms = previous + (rtt_ms - previous) / stats.latency_samples
 
 
 class Session(Protocol):

@@ -6,6 +6,7 @@ Secrets and keys appear in a response exactly once: when they are created.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from aiohttp import web
@@ -67,7 +68,7 @@ def _settings(body: dict[str, Any]) -> AppSettings:
     # An explicit null resets a field to its default; an absent field keeps its value.
     clear = tuple(
         k
-        for k in ("webhook_url", "default_timeout", "allowed_devices")
+        for k in ("webhook_url", "default_timeout", "allowed_devices", "allow_open_attach")
         if k in body and body[k] is None
     )
     return AppSettings(
@@ -130,9 +131,12 @@ class AdminApi:
         """Change webhook, default timeout or open-attach settings."""
         self._require_admin(request)
         body = await read_json(request)
-        body.pop("name", None)
+        name = body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "invalid_field", "name must be a string")
+        settings = dataclasses.replace(_settings(body), name=name)
         try:
-            app = await self._apps.update(request.match_info["app_id"], _settings(body))
+            app = await self._apps.update(request.match_info["app_id"], settings)
         except NotFound as exc:
             raise ApiError(404, "unknown_app", str(exc)) from None
         except InvalidInput as exc:
@@ -183,7 +187,8 @@ class AdminApi:
             raise ApiError(404, "unknown_app", str(exc)) from None
         except InvalidInput as exc:
             raise ApiError(400, "invalid_device_id", str(exc)) from None
-        return json_response({**device_json(cred, False), "key": key}, status=201)
+        online = await self._relay.presence(app_id, device_id) is not None
+        return json_response({**device_json(cred, online), "key": key}, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """Delete a device key and close the device's session."""

@@ -90,13 +90,16 @@ class AppApi:
             requested, app.default_timeout, self._default_timeout, self._max_timeout
         )
         headers = {TIMEOUT_HEADER: f"{timeout:g}"}
+        method = request.query.get("method", "")
+        if len(method.encode()) > 255:
+            raise ApiError(400, "invalid_method", "method names are at most 255 bytes")
         body = await request.read()
         try:
             reply = await self._relay.call(
                 app.app_id,
                 request.match_info["device_id"],
                 body,
-                request.query.get("method", ""),
+                method,
                 timeout,
             )
         except CallFailed as exc:

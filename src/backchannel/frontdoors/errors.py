@@ -89,6 +89,8 @@ def outcome_response(exc: CallFailed, headers: dict[str, str] | None = None) -> 
     extra: dict[str, Any] = {}
     if isinstance(exc, CallTimedOut):
         extra["timeout"] = exc.timeout
+    if status in (429, 503):
+        headers = {**(headers or {}), "Retry-After": "1"}
     return json_error(status, exc.code, str(exc), headers=headers, **extra)
 
 

@@ -29,7 +29,7 @@ from backchannel.core.outcomes import (
     TimedOutBeforeDelivery,
 )
 from backchannel.core.relay import Relay
-from backchannel.core.session import CloseReason, SessionStats
+from backchannel.core.session import CloseReason, SessionStats, record_latency
 from backchannel.wire.errors import ProtocolError
 from backchannel.wire.native import SUBPROTOCOL, Frame, NativeConnection, Role
 from backchannel.wire.native.frames import Event, Pong, Reply, StreamOpen
@@ -166,6 +166,8 @@ class NativeSession:
         # A broken connection is noticed and cleaned up by the receive loop.
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._ws.send_bytes(frame)
+            self.stats.tx_bytes += len(frame)
+            self.stats.tx_messages += 1
 
     async def close(self, reason: CloseReason, detail: str = "") -> None:
         """Fail calls in flight and close the WebSocket with the reason's close code."""
@@ -204,6 +206,7 @@ class NativeSession:
                     if future is None or future.done():
                         metrics.LATE_REPLIES.inc()
                     elif frame.error:
+                        stats.errors += 1
                         future.set_exception(DeviceError(frame.body.decode(errors="replace")))
                     else:
                         future.set_result(frame.body)
@@ -225,7 +228,7 @@ class NativeSession:
                 await self._send_quietly(self._conn.event_ack(frame.event_id))
         elif isinstance(frame, Pong):
             if self._conn.rtt is not None:
-                self.stats.latency_ms = self._conn.rtt * 1000.0
+                record_latency(self.stats, self._conn.rtt * 1000.0)
         elif isinstance(frame, StreamOpen):
             # Streams are specified for tunnels; until a stream handler exists, refuse politely.
             reset = self._conn.reset_stream(frame.stream_id, 1, "streams are not enabled")
@@ -267,6 +270,15 @@ class NativeTransport:
                         "error": "unsupported_protocol",
                         "detail": f"offer the WebSocket subprotocol {SUBPROTOCOL!r}",
                     }
+                ),
+            )
+        if self._relay.closing:
+            return web.Response(
+                status=503,
+                content_type="application/json",
+                headers={"Retry-After": "5"},
+                body=orjson.dumps(
+                    {"error": "shutting_down", "detail": "server shutting down; reconnect later"}
                 ),
             )
         s = self._settings
