@@ -657,11 +657,6 @@ class TestEndToEnd:
             sp.stop()
 
 
-def _sdk_available() -> bool:
-    return (Path(__file__).parents[2] / "src/backchannel/sdk/device.py").is_file()
-
-
-@pytest.mark.skipif(not _sdk_available(), reason="the device SDK is not written yet")
 class TestDeviceAgent:
     """``backchannel device`` as a subprocess with the echo handler, called via ``send``."""
 

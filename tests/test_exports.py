@@ -1,0 +1,21 @@
+"""The public names: everything in ``__all__`` resolves."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["backchannel", "backchannel.sdk", "backchannel.wire.native"])
+def test_all_resolves(module: str) -> None:
+    mod = importlib.import_module(module)
+    assert mod.__all__
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, name
+
+
+def test_top_level_api() -> None:
+    import backchannel
+
+    assert {"Device", "Client", "AsyncClient", "__version__"} <= set(backchannel.__all__)
