@@ -1,0 +1,595 @@
+"""Shared helpers of the benchmarks: subprocesses, the admin API, /proc readings, a raw device.
+
+Not a test module. Every benchmark in this directory is a standalone script that imports this
+file (``python bench/rpc.py`` puts ``bench/`` on ``sys.path``). Everything here is loopback
+only and Linux-specific where it reads ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from backchannel.wire.errors import ProtocolError
+from backchannel.wire.native import SUBPROTOCOL, NativeConnection, Role
+from backchannel.wire.native.frames import Call, Hello
+
+T = TypeVar("T")
+
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef0123"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Runs first in every child: die with the parent (PR_SET_PDEATHSIG), then exec the real
+# command in place, so the pid we hold is the pid of the real process. If the parent is
+# already gone when the prctl lands, give up instead of living on as an orphan.
+_PRELUDE = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+# -- subprocesses ----------------------------------------------------------------------------
+
+
+class Children:
+    """Every subprocess a benchmark starts; all are stopped on exit, Ctrl-C or error.
+
+    Children run in their own session, so a Ctrl-C in the terminal reaches only the
+    benchmark, which then stops them itself (SIGTERM, then SIGKILL after a grace period).
+    They also receive SIGTERM from the kernel if the benchmark dies without cleaning up.
+    """
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[str]] = []
+
+    def spawn(
+        self,
+        args: Sequence[str],
+        *,
+        stdout: int | Any = subprocess.PIPE,
+        stderr: int | Any = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
+        """Start ``args`` (args[0] is the executable) as a child of this process."""
+        full = [sys.executable, "-c", _PRELUDE, str(os.getpid()), *args]
+        proc = subprocess.Popen(
+            full,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
+        """SIGTERM one child, SIGKILL it after ``timeout``; return its exit code."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Stop every child still running (SIGTERM to all first, then wait)."""
+        running = [p for p in self._procs if p.poll() is None]
+        for p in running:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in running:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(5)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def sigterm_raises_keyboard_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C so ``finally`` blocks (child cleanup) run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class LineReader:
+    """Reads a child's stdout on a thread; lines land in a queue, the last one is kept."""
+
+    def __init__(self, proc: subprocess.Popen[str], on_line: Callable[[str], None] | None = None):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.last: str | None = None
+        self._on_line = on_line
+        assert proc.stdout is not None
+        self._stream = proc.stdout
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for raw in self._stream:
+            line = raw.rstrip("\n")
+            self.last = line
+            if self._on_line is not None:
+                self._on_line(line)
+            self.lines.put(line)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        """Block until a line matching ``predicate`` arrives; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no matching line from the child in time")
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the child closed its stdout") from None
+                continue
+            if predicate(line):
+                return line
+
+
+def free_port() -> int:
+    """A currently free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[str] | None = None) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "backchannel-bench-") -> Iterator[Path]:
+    """A temporary directory, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Server:
+    """``python -m backchannel serve`` as a subprocess, its output in a log file."""
+
+    def __init__(
+        self,
+        children: Children,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        admin_token: str = ADMIN_TOKEN,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.children = children
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.admin_token = admin_token
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        """Base HTTP URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The native device endpoint."""
+        return f"ws://127.0.0.1:{self.port}/v1/connect"
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> float:
+        """Start the server and wait for /healthz; return the monotonic time it answered."""
+        args = [sys.executable, "-m", "backchannel", "serve", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
+        args += ["--admin-token", self.admin_token, "--log-level", "warning", *self.extra]
+        self._log = self.log_path.open("a")
+        self.proc = self.children.spawn(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                health = http_json("GET", self.url + "/healthz", timeout=1.0)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            if health.get("status") == "ok":
+                return time.monotonic()
+        raise TimeoutError(f"server did not answer /healthz in {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; return the exit code."""
+        if self.proc is None:
+            return 0
+        code = self.children.stop(self.proc, timeout)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def sessions(self, timeout: float = 5.0) -> int:
+        """Live device sessions, from /healthz."""
+        return int(http_json("GET", self.url + "/healthz", timeout=timeout)["sessions"])
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's output."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# -- HTTP and the admin API ------------------------------------------------------------------
+
+
+def http_json(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    scheme: str = "Bearer",
+    body: Any = None,
+    timeout: float = 10.0,
+) -> Any:
+    """A blocking JSON request (urllib); HTTP errors raise with the body in the message."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"{scheme} {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{method} {url}: {exc.code} {exc.read()[:300]!r}") from None
+
+
+def create_app(server: Server, name: str, **settings: Any) -> tuple[str, str]:
+    """Create an application through the admin API; return (app_id, secret)."""
+    out = http_json(
+        "POST",
+        server.url + "/admin/v1/apps",
+        token=server.admin_token,
+        body={"name": name, **settings},
+    )
+    return str(out["app_id"]), str(out["secret"])
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCred:
+    """What a device needs to connect."""
+
+    app_id: str
+    device_id: str
+    key: str
+
+
+async def provision_devices(
+    server: Server, app_id: str, device_ids: Iterable[str], concurrency: int = 64
+) -> list[DeviceCred]:
+    """Issue a key per device through the admin API, ``concurrency`` requests at a time."""
+    ids = list(device_ids)
+    creds: dict[str, DeviceCred] = {}
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+        todo = iter(ids)
+
+        async def worker() -> None:
+            for device_id in todo:
+                url = f"{server.url}/admin/v1/apps/{app_id}/devices/{device_id}"
+                async with http.post(url, json={}) as resp:
+                    if resp.status != 201:
+                        raise RuntimeError(f"provision {device_id}: {resp.status}")
+                    body = await resp.json()
+                creds[device_id] = DeviceCred(app_id, device_id, str(body["key"]))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return [creds[d] for d in ids]
+
+
+def save_creds(path: Path, creds: Sequence[DeviceCred]) -> None:
+    """Write credentials for child processes (a JSON list)."""
+    path.write_text(json.dumps([asdict(c) for c in creds]))
+
+
+def load_creds(path: Path) -> list[DeviceCred]:
+    """Read credentials written by :func:`save_creds`."""
+    return [DeviceCred(**c) for c in json.loads(path.read_text())]
+
+
+# -- /proc readings and statistics -----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # The command name may contain spaces; the fields after its closing ')' do not.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, summed over all CPUs."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already part of user time
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (NaN when empty)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), math.ceil(p / 100.0 * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a plain aligned table."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"
+
+
+def print_targets(targets: Sequence[dict[str, Any]]) -> None:
+    """Print targets (dicts with name, value, unit, pass) with PASS/FAIL."""
+    print("Targets")
+    print_table(
+        ["target", "measured", "result"],
+        [[t["name"], f"{t['value']} {t['unit']}".strip(), verdict(t["pass"])] for t in targets],
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop when it is installed, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: T = uvloop.run(coro)
+    return result
+
+
+# -- a raw native device ---------------------------------------------------------------------
+
+#: Close codes after which a device stops reconnecting (as the SDK does): bad credentials,
+#: a takeover by another connection with the same id, a revoked key.
+FATAL_CLOSE_CODES = frozenset({4001, 4002, 4005})
+
+
+@dataclass(slots=True)
+class DeviceStats:
+    """Counters shared by every device loop of one process."""
+
+    online: int = 0
+    connects: int = 0
+    failed_attempts: int = 0
+    drops: int = 0
+    gave_up: int = 0
+    calls: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Counters as a dict."""
+        return asdict(self)
+
+
+def device_session(connector_limit: int = 0) -> aiohttp.ClientSession:
+    """A client session suitable for many device WebSockets."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connector_limit))
+
+
+async def run_device(
+    http: aiohttp.ClientSession,
+    ws_url: str,
+    cred: DeviceCred,
+    stats: DeviceStats,
+    *,
+    connect_limit: asyncio.Semaphore | None = None,
+    backoff_initial: float = 0.5,
+    backoff_max: float = 5.0,
+    handshake_timeout: float = 10.0,
+) -> None:
+    """Keep one device connected, answering every CALL with its body (echo).
+
+    Reconnects after any drop with exponential backoff and full jitter: before attempt n
+    wait uniform(0, min(backoff_max, backoff_initial * 2**n)); n resets once a session
+    lasted longer than the HELLO timeout (docs/protocol.md, "Reconnecting"). Returns only
+    after a fatal close code (counted in ``stats.gave_up``) or when cancelled.
+    """
+    headers = {
+        "X-Backchannel-App": cred.app_id,
+        "X-Backchannel-Device": cred.device_id,
+        "Authorization": f"Bearer {cred.key}",
+    }
+    attempt = 0
+    while True:
+        code, lasted = await _device_session_once(
+            http, ws_url, headers, stats, connect_limit, handshake_timeout
+        )
+        if code in FATAL_CLOSE_CODES:
+            stats.gave_up += 1
+            return
+        if lasted:
+            attempt = 0
+        delay = random.uniform(0.0, min(backoff_max, backoff_initial * 2 ** min(attempt, 30)))
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+async def _device_session_once(
+    http: aiohttp.ClientSession,
+    ws_url: str,
+    headers: dict[str, str],
+    stats: DeviceStats,
+    connect_limit: asyncio.Semaphore | None,
+    handshake_timeout: float,
+) -> tuple[int | None, bool]:
+    """Connect, wait for HELLO, serve until the connection ends: (close code, lasted)."""
+    ws: aiohttp.ClientWebSocketResponse | None = None
+    limit = connect_limit if connect_limit is not None else contextlib.nullcontext()
+    async with limit:
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                ws = await http.ws_connect(
+                    ws_url,
+                    protocols=(SUBPROTOCOL,),
+                    headers=headers,
+                    compress=0,
+                    autoping=True,
+                    heartbeat=None,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+                )
+                msg = await ws.receive()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            stats.failed_attempts += 1
+            if ws is not None:
+                await _close_quietly(ws)
+            return None, False
+    if msg.type is not aiohttp.WSMsgType.BINARY:
+        # Closed before HELLO: the server's way to refuse (e.g. 4001 bad credentials).
+        stats.failed_attempts += 1
+        await _close_quietly(ws)
+        return ws.close_code, False
+    now = time.monotonic()
+    conn = NativeConnection(Role.CLIENT, now=now)
+    try:
+        hello = conn.receive_message(msg.data, now)
+    except ProtocolError:
+        hello = None
+    if not isinstance(hello, Hello):
+        stats.failed_attempts += 1
+        await _close_quietly(ws, 4000)
+        return ws.close_code, False
+    stats.online += 1
+    stats.connects += 1
+    try:
+        await _serve_echo(ws, conn, stats)
+    finally:
+        stats.online -= 1
+        stats.drops += 1
+    return ws.close_code, time.monotonic() - now > conn.timeout
+
+
+async def _serve_echo(
+    ws: aiohttp.ClientWebSocketResponse, conn: NativeConnection, stats: DeviceStats
+) -> None:
+    binary = aiohttp.WSMsgType.BINARY
+    monotonic = time.monotonic
+    while True:
+        msg = await ws.receive()
+        if msg.type is not binary:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await _close_quietly(ws, 4000)
+            return
+        try:
+            frame = conn.receive_message(msg.data, monotonic())
+        except ProtocolError as exc:
+            await _close_quietly(ws, exc.close_code)
+            return
+        if type(frame) is Call:
+            stats.calls += 1
+            try:
+                await ws.send_bytes(conn.reply(frame.call_id, frame.body))
+            except (ConnectionError, RuntimeError):
+                return
+        else:
+            for out in conn.data_to_send():  # PONG for the server's PING
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_bytes(out)
+
+
+async def _close_quietly(ws: aiohttp.ClientWebSocketResponse, code: int = 1000) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ws.close(code=code), 2.0)
