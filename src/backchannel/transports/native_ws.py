@@ -30,6 +30,7 @@ from backchannel.core.outcomes import (
 )
 from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason, SessionStats, record_latency
+from backchannel.transports.ws_outbox import WsOutbox
 from backchannel.wire.errors import ProtocolError
 from backchannel.wire.native import SUBPROTOCOL, Frame, NativeConnection, Role
 from backchannel.wire.native.frames import Event, Pong, Reply, StreamOpen
@@ -63,6 +64,11 @@ class NativeSettings:
     server_name: str
 
 
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 def _remote(request: web.Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -79,6 +85,7 @@ class NativeSession:
         "_conn",
         "_loop",
         "_max_inflight",
+        "_outbox",
         "_pending",
         "_relay",
         "_ws",
@@ -98,10 +105,12 @@ class NativeSession:
         device_id: str,
         stats: SessionStats,
         max_inflight: int,
+        outbox: WsOutbox,
     ) -> None:
         self._ws = ws
         self._conn = conn
         self._relay = relay
+        self._outbox = outbox
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._closed = False
@@ -122,18 +131,24 @@ class NativeSession:
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._pending[call_id] = future
         self.stats.calls += 1
+        loop = self._loop
+        deadline = loop.time() + timeout
+        timer: asyncio.TimerHandle | None = None
         delivered = False
         try:
-            async with asyncio.timeout(timeout):
-                await self._ws.send_bytes(frame)
-                delivered = True
-                self.stats.tx_bytes += len(frame)
-                self.stats.tx_messages += 1
-                return await future
+            self._send(frame)
+            if self._outbox.congested():
+                # The device reads too slowly to take more bytes: wait, within the deadline.
+                async with asyncio.timeout_at(deadline):
+                    await self._outbox.drain()
+            delivered = True
+            # A plain timer on the future is cheaper than a timeout context per call.
+            timer = loop.call_at(deadline, _expire, future)
+            return await future
         except TimeoutError:
             self.stats.errors += 1
             if delivered:
-                self._send_soon(self._conn.cancel(call_id))
+                self._send(self._conn.cancel(call_id))
                 raise NoReply(timeout) from None
             raise TimedOutBeforeDelivery(timeout) from None
         except (ConnectionError, RuntimeError) as exc:
@@ -141,6 +156,8 @@ class NativeSession:
             raise DeviceDisconnected(f"device disconnected: {exc}") from None
         finally:
             del self._pending[call_id]
+            if timer is not None:
+                timer.cancel()
 
     def in_flight(self) -> int:
         """Calls waiting for a reply."""
@@ -157,17 +174,13 @@ class NativeSession:
             return
         ping = self._conn.heartbeat(now)
         if ping is not None:
-            self._send_soon(ping)
+            self._send(ping)
 
-    def _send_soon(self, frame: bytes) -> None:
-        self._relay.spawn(self._send_quietly(frame))
-
-    async def _send_quietly(self, frame: bytes) -> None:
-        # A broken connection is noticed and cleaned up by the receive loop.
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._ws.send_bytes(frame)
-            self.stats.tx_bytes += len(frame)
-            self.stats.tx_messages += 1
+    def _send(self, frame: bytes) -> None:
+        """Queue a frame for the device; all frames go through the outbox, in order."""
+        self._outbox.write(frame)
+        self.stats.tx_bytes += len(frame)
+        self.stats.tx_messages += 1
 
     async def close(self, reason: CloseReason, detail: str = "") -> None:
         """Fail calls in flight and close the WebSocket with the reason's close code."""
@@ -176,6 +189,7 @@ class NativeSession:
         self._closed = True
         self._close_reason = reason
         self._fail_pending(reason)
+        self._outbox.close()
         message = (detail or reason.value).encode()[:120]
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._ws.close(code=CLOSE_CODES[reason], message=message)
@@ -211,36 +225,38 @@ class NativeSession:
                     else:
                         future.set_result(frame.body)
                     continue
-                await self._control_frame(frame)
+                self._control_frame(frame)
             elif msg.type is WSMsgType.TEXT:
                 return await self._protocol_error("text messages are not part of backchannel.v1")
             else:
                 # CLOSE, CLOSING, CLOSED or ERROR (for example a frame above max_msg_size).
                 # After our own close() the reason is ours; otherwise the peer went away.
                 self._closed = True
+                self._outbox.closed = True
                 self._fail_pending(self._close_reason)
                 return self._close_reason
 
-    async def _control_frame(self, frame: Frame) -> None:
+    def _control_frame(self, frame: Frame) -> None:
         if isinstance(frame, Event):
             self._relay.device_event(self, frame.name, frame.data)
             if frame.event_id:
-                await self._send_quietly(self._conn.event_ack(frame.event_id))
+                self._send(self._conn.event_ack(frame.event_id))
         elif isinstance(frame, Pong):
             if self._conn.rtt is not None:
                 record_latency(self.stats, self._conn.rtt * 1000.0)
         elif isinstance(frame, StreamOpen):
             # Streams are specified for tunnels; until a stream handler exists, refuse politely.
             reset = self._conn.reset_stream(frame.stream_id, 1, "streams are not enabled")
-            await self._send_quietly(reset)
+            self._send(reset)
         for out in self._conn.data_to_send():
-            await self._send_quietly(out)
+            self._send(out)
 
     async def _protocol_error(self, detail: str, code: int = 4000) -> CloseReason:
         metrics.PROTOCOL_ERRORS.labels(self.transport).inc()
         log.warning("protocol error from %s/%s: %s", self.app_id, self.device_id, detail)
         self._closed = True
         self._fail_pending(CloseReason.PROTOCOL_ERROR)
+        self._outbox.close()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._ws.close(code=code, message=detail.encode()[:120])
         return CloseReason.PROTOCOL_ERROR
@@ -310,8 +326,14 @@ class NativeTransport:
         wall = time.time()
         stats = SessionStats(connected_at=wall, remote=_remote(request), last_seen=wall)
         stats.info = request.headers.get("User-Agent", "")[:200]
-        session = NativeSession(ws, conn, self._relay, app_id, device_id, stats, s.max_inflight)
-        await ws.send_bytes(conn.hello(session.session_id, s.server_name))
+        transport = request.transport
+        if transport is None:  # the peer left during the handshake
+            return ws
+        outbox = WsOutbox(transport, request.writer, asyncio.get_running_loop())
+        session = NativeSession(
+            ws, conn, self._relay, app_id, device_id, stats, s.max_inflight, outbox
+        )
+        outbox.write(conn.hello(session.session_id, s.server_name))
         try:
             await self._relay.register(session)
         except ShuttingDown:
