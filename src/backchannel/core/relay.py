@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,11 @@ from backchannel.core.session import CloseReason, Session
 from backchannel.routing.broker import Broker
 
 log = logging.getLogger(__name__)
+
+#: Called for every upstream event: (app_id, device_id, name, data). Must not block.
+EventListener = Callable[[str, str, str, bytes], None]
+#: Called when a device's session ends on this node: (app_id, device_id, reason).
+DisconnectListener = Callable[[str, str, CloseReason], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,16 @@ class Relay:
         self._stats: dict[str, AppStats] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
+        self._event_listeners: list[EventListener] = []
+        self._disconnect_listeners: list[DisconnectListener] = []
+
+    def on_event(self, listener: EventListener) -> None:
+        """Register a consumer of upstream events (webhooks, app WebSockets...)."""
+        self._event_listeners.append(listener)
+
+    def on_disconnect(self, listener: DisconnectListener) -> None:
+        """Register a consumer of session ends (to close what depends on the device)."""
+        self._disconnect_listeners.append(listener)
 
     @property
     def node_id(self) -> str:
@@ -140,6 +155,11 @@ class Relay:
         metrics.SESSIONS.labels(session.transport).dec()
         await self.broker.release(session.app_id, session.device_id, session.session_id)
         log.info("device disconnected: %s/%s (%s)", session.app_id, session.device_id, reason.value)
+        for listener in self._disconnect_listeners:
+            try:
+                listener(session.app_id, session.device_id, reason)
+            except Exception:
+                log.exception("disconnect listener failed")
 
     def device_event(self, session: Session, name: str, data: bytes) -> None:
         """An upstream event arrived from a device: count it and log it."""
@@ -148,6 +168,11 @@ class Relay:
         log.info(
             "event from %s/%s: %s (%d bytes)", session.app_id, session.device_id, name, len(data)
         )
+        for listener in self._event_listeners:
+            try:
+                listener(session.app_id, session.device_id, name, data)
+            except Exception:
+                log.exception("event listener failed")
 
     # -- operations (called by front doors) ----------------------------------------------
 
