@@ -18,10 +18,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from backchannel.app import APPS, RELAY, build_app, graceful_stop
+from backchannel.app import APPS, COMETA, RELAY, build_app, graceful_stop
 from backchannel.config import load_config
 from backchannel.core.apps import AppService, AppSettings
 from backchannel.core.relay import Relay
+from backchannel.transports.sniff import SniffingSite
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
@@ -35,7 +36,7 @@ class RunningServer:
     relay: Relay
     apps: AppService
     runner: web.AppRunner
-    site: web.TCPSite
+    site: web.BaseSite
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -80,7 +81,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         app = build_app(config)
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = SniffingSite(runner, "127.0.0.1", 0, app[COMETA])
         await site.start()
         port = runner.addresses[0][1]
         srv = RunningServer(

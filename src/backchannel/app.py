@@ -24,19 +24,26 @@ from backchannel.core.clock import Clock, SystemClock
 from backchannel.core.relay import Relay, RelayLimits
 from backchannel.frontdoors.admin import AdminApi
 from backchannel.frontdoors.app_api import AppApi
+from backchannel.frontdoors.app_websockets import AppWebSockets
 from backchannel.frontdoors.errors import MAX_BODY, json_errors
 from backchannel.frontdoors.health import Health
+from backchannel.frontdoors.webhooks import Webhooks
 from backchannel.routing.broker import Broker
 from backchannel.routing.memory import MemoryBroker
 from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import SqliteStore
 from backchannel.state.store import Store
+from backchannel.transports.cometa_raw import CometaSettings, CometaTransport
 from backchannel.transports.native_ws import NativeSettings, NativeTransport
+from backchannel.transports.sniff import SniffingSite
 
 log = logging.getLogger("backchannel")
 
 RELAY = web.AppKey("backchannel.relay", Relay)
 APPS = web.AppKey("backchannel.apps", AppService)
+WEBHOOKS = web.AppKey("backchannel.webhooks", Webhooks)
+#: The protocol factory for Cometa device connections, which the sniffing site needs.
+COMETA = web.AppKey("backchannel.cometa", CometaTransport)
 #: Set at startup when the server generated the admin token (tests read it from here).
 GENERATED_ADMIN_TOKEN = web.AppKey("backchannel.generated_admin_token", str)
 FRAME_OVERHEAD = 512  # room for the frame header and method name around a max-size body
@@ -89,7 +96,23 @@ def build_app(
             server_name=f"backchannel/{__version__}",
         ),
     ).add_routes(app)
-    AppApi(relay, apps, config.default_timeout, config.max_timeout).add_routes(app)
+    app[COMETA] = CometaTransport(
+        relay,
+        apps,
+        CometaSettings(
+            max_message=config.max_body_size,
+            liveness=config.cometa_liveness,
+            stale_grace=config.cometa_stale_grace,
+            max_queue=config.max_inflight_per_device,
+        ),
+    )
+    api = AppApi(relay, apps, config.default_timeout, config.max_timeout)
+    api.add_routes(app)
+    sockets = AppWebSockets(relay, apps, api, max_message=config.max_body_size)
+    sockets.add_routes(app)
+    sockets.attach()
+    webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
+    relay.on_event(webhooks.on_event)
     AdminApi(relay, apps).add_routes(app)
     Health(relay).add_routes(app)
 
@@ -108,8 +131,10 @@ def build_app(
 
     async def on_shutdown(app: web.Application) -> None:
         await relay.shutdown()
+        await sockets.close_all()
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(webhooks.lifecycle)
     app.on_shutdown.append(on_shutdown)
     return app
 
@@ -133,8 +158,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         shutdown_timeout=config.shutdown_grace + 5,
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.host, config.port, ssl_context=_ssl_context(config), backlog=4096
+    site = SniffingSite(
+        runner, config.host, config.port, app[COMETA], ssl_context=_ssl_context(config)
     )
     await site.start()
     token = app.get(GENERATED_ADMIN_TOKEN)

@@ -39,6 +39,10 @@ class Config(BaseSettings):
     heartbeat_timeout: float = Field(75.0, gt=0, description="Silence before a device drops (s)")
     max_body_size: int = Field(16 * MiB, ge=1024, description="Largest request/message body")
     max_inflight_per_device: int = Field(10_000, ge=1, description="Calls in flight per device")
+    cometa_liveness: float = Field(120.0, gt=0, description="Silence before a Cometa device drops")
+    cometa_stale_grace: float = Field(
+        5.0, ge=0, description="How long a Cometa queue waits for a timed-out call's late reply"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")

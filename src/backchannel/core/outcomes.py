@@ -58,6 +58,12 @@ class DeviceBusy(CallFailed):
     code = "device_busy"
 
 
+class InvalidMessage(CallFailed):
+    """The message cannot be delivered over the device's protocol (e.g. empty for Cometa)."""
+
+    code = "invalid_message"
+
+
 class ShuttingDown(CallFailed):
     """The server is shutting down and takes no new calls."""
 

@@ -56,6 +56,8 @@ class Relay:
         self._housekeeper: asyncio.Task[None] | None = None
         self._event_listeners: list[EventListener] = []
         self._disconnect_listeners: list[DisconnectListener] = []
+        #: Open app WebSockets of a device on this node, for presence (set by the front door).
+        self.websocket_counter: Callable[[str, str], int] | None = None
 
     def on_event(self, listener: EventListener) -> None:
         """Register a consumer of upstream events (webhooks, app WebSockets...)."""
@@ -221,7 +223,8 @@ class Relay:
         """The device's presence object, or None when it is offline."""
         session = self.hub.get(app_id, device_id)
         if session is not None:
-            return presence(session)
+            counter = self.websocket_counter
+            return presence(session, counter(app_id, device_id) if counter else 0)
         node = await self.broker.owner(app_id, device_id)
         if node is None or node == self.node_id:
             return None

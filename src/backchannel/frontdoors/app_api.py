@@ -6,6 +6,8 @@ scheme) or ``Bearer <app secret | admin token>``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from backchannel.core.apps import AppService
@@ -50,6 +52,8 @@ class AppApi:
         self._apps = apps
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
+        #: Open app WebSockets of an application, for ``stats.websockets`` (set at wiring).
+        self.websocket_total: Callable[[str], int] | None = None
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the routes."""
@@ -86,9 +90,7 @@ class AppApi:
             requested = parse_timeout(raw_timeout) if raw_timeout is not None else None
         except ValueError as exc:
             raise ApiError(400, "invalid_timeout", str(exc)) from None
-        timeout = resolve_timeout(
-            requested, app.default_timeout, self._default_timeout, self._max_timeout
-        )
+        timeout = self.call_timeout(app, requested)
         headers = {TIMEOUT_HEADER: f"{timeout:g}"}
         method = request.query.get("method", "")
         if len(method.encode()) > 255:
@@ -105,6 +107,12 @@ class AppApi:
         except CallFailed as exc:
             return outcome_response(exc, headers)
         return web.Response(body=reply, content_type="application/octet-stream", headers=headers)
+
+    def call_timeout(self, app: AppRecord, requested: float | None = None) -> float:
+        """The timeout in force for a call: requested, else the app's, else the server's; capped."""
+        return resolve_timeout(
+            requested, app.default_timeout, self._default_timeout, self._max_timeout
+        )
 
     async def presence(self, request: web.Request) -> web.Response:
         """The presence object of a connected device, else 418."""
@@ -133,7 +141,8 @@ class AppApi:
         """Application name and traffic counters."""
         app = await self.authorize(request)
         ids = await self._relay.devices(app.app_id)
-        stats = self._relay.app_stats(app.app_id).as_cometa(len(ids), 0)
+        total = self.websocket_total(app.app_id) if self.websocket_total else 0
+        stats = self._relay.app_stats(app.app_id).as_cometa(len(ids), total)
         return json_response({"app_id": app.app_id, "app_name": app.name, "stats": stats})
 
 

@@ -21,6 +21,7 @@ from backchannel.core.outcomes import (
     DeviceDisconnected,
     DeviceError,
     DeviceOffline,
+    InvalidMessage,
     ShuttingDown,
 )
 
@@ -35,6 +36,7 @@ OUTCOME_STATUS: dict[type[CallFailed], int] = {
     DeviceError: 502,
     DeviceDisconnected: 502,
     DeviceBusy: 429,
+    InvalidMessage: 400,
     ShuttingDown: 503,
 }
 
@@ -71,16 +73,21 @@ def json_error(
     **extra: Any,
 ) -> web.Response:
     """A JSON error response: ``{"msg": "<code> <reason>", "error": ..., "detail": ...}``."""
+    return json_response(error_body(status, error, detail, **extra), status, headers)
+
+
+def error_body(status: int, error: str, detail: str = "", **extra: Any) -> dict[str, Any]:
+    """The body of an error response, for channels that carry it without HTTP (WebSockets)."""
     reason = _MSG.get(status) or HTTPStatus(status).phrase
     body: dict[str, Any] = {"msg": f"{status} {reason}", "error": error}
     if detail:
         body["detail"] = detail
     body.update(extra)
-    return json_response(body, status, headers)
+    return body
 
 
-def outcome_response(exc: CallFailed, headers: dict[str, str] | None = None) -> web.Response:
-    """Map a failed call to its status and body."""
+def outcome_body(exc: CallFailed) -> tuple[int, dict[str, Any]]:
+    """Map a failed call to its HTTP status and error body."""
     status = 502
     for cls in type(exc).__mro__:
         if cls in OUTCOME_STATUS:
@@ -89,9 +96,15 @@ def outcome_response(exc: CallFailed, headers: dict[str, str] | None = None) -> 
     extra: dict[str, Any] = {}
     if isinstance(exc, CallTimedOut):
         extra["timeout"] = exc.timeout
+    return status, error_body(status, exc.code, str(exc), **extra)
+
+
+def outcome_response(exc: CallFailed, headers: dict[str, str] | None = None) -> web.Response:
+    """Map a failed call to its status and body."""
+    status, body = outcome_body(exc)
     if status in (429, 503):
         headers = {**(headers or {}), "Retry-After": "1"}
-    return json_error(status, exc.code, str(exc), headers=headers, **extra)
+    return json_response(body, status, headers)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

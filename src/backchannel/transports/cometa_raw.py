@@ -1,0 +1,369 @@
+"""Cometa devices: raw HTTP attach, then chunk frames on the same socket (COMPAT.md).
+
+The sniffer hands over connections that start with a Cometa attach request. This adapter
+feeds their bytes to :class:`~backchannel.wire.cometa.CometaConnection` and adapts them to
+the core's ``Session``. Authentication is the core's decision (open attach, allow-lists, or
+an optional ``Authorization: Bearer <device key>`` header on the attach request).
+
+Cometa devices carry no request id, so a reply answers the single pending message. Calls
+are therefore queued and delivered one by one, each within its own timeout. When a call
+times out after delivery, its reply may still come: the session then *owes* one stale
+reply, and the next message waits (up to ``stale_grace`` seconds, within its own timeout)
+until that reply has arrived and been dropped, so a late reply is never handed to the next
+request. A device that never sends the owed reply delays the queue by at most
+``stale_grace`` once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from backchannel.core import metrics
+from backchannel.core.apps import AppService
+from backchannel.core.outcomes import (
+    DeviceBusy,
+    DeviceDisconnected,
+    DeviceOffline,
+    InvalidMessage,
+    NoReply,
+    ShuttingDown,
+    TimedOutBeforeDelivery,
+)
+from backchannel.core.relay import Relay
+from backchannel.core.session import CloseReason, SessionStats, record_latency
+from backchannel.wire.cometa import (
+    AttachRequest,
+    CometaConnection,
+    Heartbeat,
+    Reply,
+    Upstream,
+    accept_head,
+    parse_attach,
+    reject,
+)
+from backchannel.wire.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+ANNOUNCED_HEARTBEAT = 60  # seconds, in the first chunk; the clients' own interval
+HANDSHAKE_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class CometaSettings:
+    """Limits and timers of Cometa sessions."""
+
+    max_message: int
+    liveness: float = 120.0
+    stale_grace: float = 5.0
+    max_queue: int = 1000
+
+
+class CometaSession(asyncio.Protocol):
+    """One Cometa device connection: an asyncio protocol and a core ``Session``."""
+
+    transport = "cometa"
+
+    def __init__(self, relay: Relay, apps: AppService, settings: CometaSettings) -> None:
+        self._relay = relay
+        self._apps = apps
+        self._settings = settings
+        self._loop = asyncio.get_running_loop()
+        self._io: asyncio.Transport | None = None
+        self._head = bytearray()
+        self._early: bytearray | None = None  # bytes that arrive while we authenticate
+        self._conn: CometaConnection | None = None
+        self._registered = False
+        self._closed = False
+        self._close_reason = CloseReason.PEER_CLOSED
+        self._current: asyncio.Future[bytes] | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._busy = False
+        self._stale_until = 0.0
+        self._stale_cleared: asyncio.Event = asyncio.Event()
+        self._writable: asyncio.Event = asyncio.Event()
+        self._writable.set()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.app_id = ""
+        self.device_id = ""
+        self.session_id = secrets.token_hex(8)
+        self.stats = SessionStats(connected_at=time.time(), remote="")
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start reading the attach request."""
+        self._io = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.stats.remote = f"{peer[0]}:{peer[1]}"
+        self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Attach request first, then chunk frames."""
+        if self._conn is not None:
+            self._frames(data)
+        elif self._early is not None:
+            self._early += data
+        else:
+            self._handshake(data)
+
+    def pause_writing(self) -> None:
+        """The device reads slowly: hold further messages."""
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        """The device caught up."""
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket closed: fail what is in flight and forget the session."""
+        self._closed = True
+        self._fail_current(self._close_reason)
+        self._wake_all()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._registered:
+            self._relay.spawn(self._relay.unregister(self, self._close_reason))
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
+        self._head += data
+        try:
+            request = parse_attach(bytes(self._head))
+        except ProtocolError as exc:
+            log.info("bad Cometa attach from %s: %s", self.stats.remote, exc)
+            self._refuse(400, "Bad Request")
+            return
+        if request is None:
+            return
+        self._early = bytearray(self._head[request.consumed :])
+        self._head = bytearray()
+        self._relay.spawn(self._attach(request))
+
+    async def _attach(self, request: AttachRequest) -> None:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        verdict = await self._apps.authenticate_device(request.app_id, request.device_id, key)
+        if self._closed:
+            return
+        if not verdict.accepted:
+            log.info(
+                "Cometa attach refused: %s/%s (%s)",
+                request.app_id,
+                request.device_id,
+                verdict.value,
+            )
+            self._refuse(403, "Forbidden")
+            return
+        if self._relay.closing:
+            self._refuse(503, "Service Unavailable")
+            return
+        assert self._io is not None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.app_id, self.device_id = request.app_id, request.device_id
+        self.stats.info = request.platform[:200]
+        now = self._loop.time()
+        self._conn = CometaConnection(max_chunk=self._settings.max_message, now=now)
+        self._io.write(accept_head(ANNOUNCED_HEARTBEAT, int(time.time())))
+        try:
+            await self._relay.register(self)
+        except ShuttingDown:
+            self._io.close()
+            return
+        self._registered = True
+        early, self._early = bytes(self._early or b""), None
+        if early:
+            self._frames(early)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        if self._io is not None:
+            self._io.write(reject(status, reason))
+            self._io.close()
+        self._closed = True
+
+    # -- frames from the device ------------------------------------------------------------
+
+    def _frames(self, data: bytes) -> None:
+        conn = self._conn
+        assert conn is not None
+        stats = self.stats
+        try:
+            events = conn.receive_data(data, self._loop.time())
+        except ProtocolError as exc:
+            metrics.PROTOCOL_ERRORS.labels(self.transport).inc()
+            log.warning("Cometa framing broken by %s/%s: %s", self.app_id, self.device_id, exc)
+            self._close_reason = CloseReason.PROTOCOL_ERROR
+            self._shut()
+            return
+        stats.rx_bytes += len(data)
+        for event in events:
+            stats.rx_messages += 1
+            if isinstance(event, Reply):
+                self._reply(event.body)
+            elif isinstance(event, Heartbeat):
+                stats.last_seen = time.time()
+            elif isinstance(event, Upstream):
+                self._relay.device_event(self, "", event.data)
+
+    def _reply(self, body: bytes) -> None:
+        current = self._current
+        if current is not None and not current.done():
+            current.set_result(body)
+        elif self._stale_until:
+            # The late answer to a call that timed out: drop it, free the queue.
+            self._stale_until = 0.0
+            self._stale_cleared.set()
+            metrics.LATE_REPLIES.inc()
+        else:
+            metrics.LATE_REPLIES.inc()
+
+    # -- Session ----------------------------------------------------------------------------
+
+    async def call(self, body: bytes, method: str, timeout: float) -> bytes:
+        """Queue behind earlier calls, then deliver ``body`` and wait for the one reply."""
+        if self._closed:
+            raise DeviceOffline(f"device {self.device_id} is not connected")
+        if not body:
+            raise InvalidMessage("a Cometa device cannot receive an empty message")
+        if len(self._waiters) >= self._settings.max_queue:
+            raise DeviceBusy(f"device {self.device_id} has {len(self._waiters)} calls queued")
+        loop = self._loop
+        deadline = loop.time() + timeout
+        self.stats.calls += 1
+        held = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._take_turn()
+                held = True
+                await self._settle_stale()
+                await self._writable.wait()
+        except TimeoutError:
+            if held:
+                self._release_turn()
+            self.stats.errors += 1
+            raise TimedOutBeforeDelivery(timeout) from None
+        if self._closed:
+            self._release_turn()
+            raise DeviceDisconnected(f"device disconnected ({self._close_reason.value})")
+        conn, io = self._conn, self._io
+        assert conn is not None and io is not None
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._current = future
+        frame = conn.message(body)
+        started = loop.time()
+        io.write(frame)
+        self.stats.tx_bytes += len(frame)
+        self.stats.tx_messages += 1
+        timer = loop.call_at(deadline, _expire, future)
+        try:
+            reply = await future
+        except TimeoutError:
+            self.stats.errors += 1
+            self._stale_until = loop.time() + self._settings.stale_grace
+            self._stale_cleared.clear()
+            raise NoReply(timeout) from None
+        finally:
+            timer.cancel()
+            self._current = None
+            self._release_turn()
+        record_latency(self.stats, (loop.time() - started) * 1000.0)
+        return reply
+
+    async def _take_turn(self) -> None:
+        if not self._busy and not self._waiters:
+            self._busy = True
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._busy = True  # we were handed the turn as we gave up: pass it on
+                self._release_turn()
+            raise
+        self._busy = True
+
+    def _release_turn(self) -> None:
+        self._busy = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._busy = True  # reserved for the woken waiter
+                waiter.set_result(None)
+                return
+
+    async def _settle_stale(self) -> None:
+        remaining = self._stale_until - self._loop.time()
+        if self._stale_until and remaining > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._stale_cleared.wait()
+            except TimeoutError:
+                pass  # the grace ran out: the late reply is not coming
+        self._stale_until = 0.0
+
+    def in_flight(self) -> int:
+        """The call on the wire plus the queued ones."""
+        return len(self._waiters) + (1 if self._current is not None else 0)
+
+    def tick(self, now: float) -> None:
+        """Drop a device that sent nothing for the liveness period."""
+        conn = self._conn
+        if conn is not None and not self._closed and conn.is_dead(now, self._settings.liveness):
+            log.info("Cometa device %s/%s silent: dropping", self.app_id, self.device_id)
+            self._close_reason = CloseReason.HEARTBEAT_TIMEOUT
+            self._shut()
+
+    async def close(self, reason: CloseReason, detail: str = "") -> None:
+        """Close the socket (Cometa has no close codes; the device reconnects)."""
+        self._close_reason = reason
+        self._shut()
+
+    def _shut(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_current(self._close_reason)
+        self._wake_all()
+        if self._io is not None:
+            self._io.close()
+
+    def _fail_current(self, reason: CloseReason) -> None:
+        if self._current is not None and not self._current.done():
+            self._current.set_exception(DeviceDisconnected(f"device disconnected ({reason.value})"))
+
+    def _wake_all(self) -> None:
+        # Queued callers wake up, see the session closed, and fail with DeviceDisconnected.
+        self._stale_cleared.set()
+        self._writable.set()
+        if not self._busy:
+            self._release_turn()
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class CometaTransport:
+    """Makes a :class:`CometaSession` for each connection the sniffer recognises."""
+
+    def __init__(self, relay: Relay, apps: AppService, settings: CometaSettings) -> None:
+        self._relay = relay
+        self._apps = apps
+        self._settings = settings
+
+    def __call__(self) -> CometaSession:
+        """Protocol factory for the sniffer."""
+        return CometaSession(self._relay, self._apps, self._settings)

@@ -1,0 +1,291 @@
+"""Cometa devices over raw TCP on the server's one port (COMPAT.md, Cometa device side)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.compat.cometa_device import CometaDevice, echo
+from tests.conftest import RunningServer, ServerFactory, wait_for
+from tests.rawdevice import connect
+
+
+def port_of(server: RunningServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+class App:
+    """An application that allows open attach, and shortcuts for its API."""
+
+    def __init__(self, server: RunningServer, http: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.http = http
+        self.app_id = ""
+        self.secret = ""
+
+    async def create(self, **settings: object) -> App:
+        settings.setdefault("allow_open_attach", True)
+        self.app_id, self.secret = await self.server.create_app(**settings)
+        return self
+
+    async def attach(self, device_id: str = "AABBCCDDEEFF", **kw: object) -> CometaDevice:
+        return await CometaDevice.attach(port_of(self.server), self.app_id, device_id, **kw)  # type: ignore[arg-type]
+
+    def url(self, path: str = "") -> str:
+        return f"{self.server.url}/v1/applications/{self.app_id}{path}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"OAuth {self.secret}"}
+
+    async def send(self, device_id: str, body: bytes, query: str = "") -> tuple[int, bytes]:
+        async with self.http.post(
+            self.url(f"/devices/{device_id}/send{query}"), data=body, headers=self.auth
+        ) as r:
+            return r.status, await r.read()
+
+
+@pytest.fixture
+async def app(server: RunningServer, http: aiohttp.ClientSession) -> App:
+    return await App(server, http).create()
+
+
+class TestAttach:
+    """COMPAT.md, Device side, points 1-2."""
+
+    async def test_first_chunk(self, app: App) -> None:
+        dev = await app.attach()
+        assert dev.status_line == b"HTTP/1.1 200 OK"
+        assert b"\r\ntransfer-encoding: chunked\r\n" in dev.head.lower()
+        assert dev.first_chunk.startswith(b'{"msg":"200"')
+        assert isinstance(dev.hello["timestamp"], int)
+        assert abs(dev.hello["timestamp"] - time.time()) < 10
+        assert dev.first_chunk == (
+            b'{"msg":"200","heartbeat":60,"timestamp":%d}' % dev.hello["timestamp"]
+        )
+        await wait_for(lambda: app.server.relay.hub.get(app.app_id, "AABBCCDDEEFF") is not None)
+
+    async def test_content_length_without_space(self, app: App) -> None:
+        dev = await app.attach("7", no_space=True)
+        assert dev.status_line == b"HTTP/1.1 200 OK"
+        dev.serve(echo)
+        assert await app.send("7", b"ping") == (200, b"ping")
+
+    async def test_refused_without_open_attach(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        closed = await App(server, http).create(allow_open_attach=False)
+        dev = await closed.attach()
+        assert dev.status_line == b"HTTP/1.1 403 Forbidden"
+        assert await dev.read_body() == b'{"msg":"403 Forbidden"}'  # then EOF: closed
+        assert server.relay.hub.get(closed.app_id, "AABBCCDDEEFF") is None
+
+    async def test_allow_list(self, server: RunningServer, http: aiohttp.ClientSession) -> None:
+        listed = await App(server, http).create(
+            allow_open_attach=False, allowed_devices=("001122334455",)
+        )
+        assert (await listed.attach("001122334455")).status_line == b"HTTP/1.1 200 OK"
+        assert (await listed.attach("other")).status_line == b"HTTP/1.1 403 Forbidden"
+
+    async def test_provisioned_device_may_attach_with_its_key(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        keyed = await App(server, http).create(allow_open_attach=False)
+        key = await server.provision(keyed.app_id, "k1")
+        dev = await keyed.attach("k1", extra_headers=f"Authorization: Bearer {key}\r\n")
+        assert dev.status_line == b"HTTP/1.1 200 OK"
+
+    async def test_unknown_app(self, server: RunningServer) -> None:
+        dev = await CometaDevice.attach(port_of(server), "f" * 20, "d")
+        assert dev.status_line == b"HTTP/1.1 403 Forbidden"
+
+    async def test_http_on_the_same_port_still_works(
+        self, app: App, http: aiohttp.ClientSession
+    ) -> None:
+        (await app.attach()).serve(echo)
+        async with http.get(app.server.url + "/healthz") as r:
+            assert r.status == 200
+
+
+class TestMessages:
+    """COMPAT.md, Device side, points 3-4."""
+
+    async def test_round_trip_binary(self, app: App) -> None:
+        dev = (await app.attach()).serve(echo)
+        body = bytes(range(1, 256)) * 4
+        assert await app.send("AABBCCDDEEFF", body) == (200, body)
+        assert dev.received == [body]
+
+    @pytest.mark.parametrize("framing", ["python", "c"])
+    async def test_empty_reply_framings(self, app: App, framing: str) -> None:
+        dev = await app.attach()
+
+        async def empty(message: bytes) -> None:
+            await dev.reply(b"", framing)
+
+        dev.serve(empty)
+        assert await app.send("AABBCCDDEEFF", b"x") == (200, b"")
+        # The connection stays in sync: the next call works too.
+        assert await app.send("AABBCCDDEEFF", b"y") == (200, b"")
+
+    async def test_heartbeats_and_presence(self, app: App) -> None:
+        dev = (await app.attach(platform=b"Linux-device")).serve(echo)
+        await dev.heartbeat()
+        await app.send("AABBCCDDEEFF", b"abc")
+        async with app.http.get(app.url("/devices/AABBCCDDEEFF"), headers=app.auth) as r:
+            p = await r.json()
+        assert p["transport"] == "cometa"
+        assert p["info"] == "Linux-device"
+        assert p["ip_address"].startswith("127.0.0.1:")
+        assert abs(p["heartbeat"] - time.time()) < 10
+        assert p["net"]["sent"]["messages"] == 1
+        assert p["net"]["received"]["messages"] == 2  # the heartbeat and the reply
+        assert p["latency"] > 0
+
+    async def test_events_are_counted(self, app: App) -> None:
+        dev = (await app.attach()).serve(echo)
+        await dev.event(b'{"t":21}')
+        session = app.server.relay.hub.get(app.app_id, "AABBCCDDEEFF")
+        assert session is not None
+        await wait_for(lambda: session.stats.events == 1)
+
+    async def test_empty_message_is_refused(self, app: App) -> None:
+        (await app.attach()).serve(echo)
+        status, body = await app.send("AABBCCDDEEFF", b"")
+        assert status == 400
+        assert orjson.loads(body)["error"] == "invalid_message"
+
+
+class TestQueue:
+    """One request at a time per Cometa device, queued instead of 423."""
+
+    async def test_concurrent_sends_are_delivered_one_by_one(self, app: App) -> None:
+        dev = await app.attach()
+        in_progress = 0
+        peak = 0
+
+        async def slow_echo(message: bytes) -> bytes:
+            nonlocal in_progress, peak
+            in_progress += 1
+            peak = max(peak, in_progress)
+            await asyncio.sleep(0.02)
+            in_progress -= 1
+            return b"re:" + message
+
+        dev.serve(slow_echo)
+        bodies = [f"m{i}".encode() for i in range(20)]
+        results = await asyncio.gather(*(app.send("AABBCCDDEEFF", b) for b in bodies))
+        assert results == [(200, b"re:" + b) for b in bodies]
+        assert sorted(dev.received) == sorted(bodies)
+        assert peak == 1
+
+    async def test_late_reply_never_reaches_the_next_request(self, app: App) -> None:
+        dev = await app.attach()
+
+        async def late_for_a(message: bytes) -> bytes:
+            if message == b"A":
+                await asyncio.sleep(0.6)
+            return b"reply-" + message
+
+        dev.serve(late_for_a)
+        a = asyncio.ensure_future(app.send("AABBCCDDEEFF", b"A", "?timeout=0.3"))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(app.send("AABBCCDDEEFF", b"B", "?timeout=5"))
+        status_a, body_a = await a
+        assert status_a == 408
+        assert orjson.loads(body_a)["error"] == "timeout_no_reply"
+        assert await b == (200, b"reply-B")
+
+    async def test_queued_call_times_out_before_delivery(self, app: App) -> None:
+        dev = await app.attach()
+
+        async def stall(message: bytes) -> bytes:
+            await asyncio.sleep(1.0)
+            return message
+
+        dev.serve(stall)
+        first = asyncio.ensure_future(app.send("AABBCCDDEEFF", b"1", "?timeout=3"))
+        await asyncio.sleep(0.05)
+        status, body = await app.send("AABBCCDDEEFF", b"2", "?timeout=0.2")
+        assert status == 408
+        assert orjson.loads(body)["error"] == "timeout_before_delivery"
+        assert await first == (200, b"1")
+        assert dev.received == [b"1"]
+
+
+class TestSessions:
+    """Liveness, takeover, detach, mixing with native devices, garbage."""
+
+    async def test_liveness_drop(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        server = await make_server(cometa_liveness=0.5)
+        app = await App(server, http).create()
+        dev = await app.attach()
+        await wait_for(lambda: server.relay.hub.get(app.app_id, "AABBCCDDEEFF") is not None)
+        await dev.wait_closed(timeout=5)
+        assert server.relay.hub.get(app.app_id, "AABBCCDDEEFF") is None
+
+    async def test_heartbeats_keep_it_alive(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        server = await make_server(cometa_liveness=0.5)
+        app = await App(server, http).create()
+        dev = await app.attach()
+        for _ in range(8):
+            await asyncio.sleep(0.15)
+            await dev.heartbeat()
+        assert server.relay.hub.get(app.app_id, "AABBCCDDEEFF") is not None
+
+    async def test_takeover(self, app: App) -> None:
+        old = (await app.attach(platform=b"old")).serve(echo)
+        new = await app.attach(platform=b"new")
+
+        async def tag(message: bytes) -> bytes:
+            return b"new:" + message
+
+        new.serve(tag)
+        await old.wait_closed()
+        assert await app.send("AABBCCDDEEFF", b"x") == (200, b"new:x")
+
+    async def test_detach(self, app: App) -> None:
+        dev = (await app.attach()).serve(echo)
+        async with app.http.delete(app.url("/devices/AABBCCDDEEFF"), headers=app.auth) as r:
+            assert (r.status, await r.json()) == (200, {"msg": "200 OK"})
+        await dev.wait_closed()
+        assert (await app.send("AABBCCDDEEFF", b"x"))[0] == 418
+
+    async def test_cometa_and_native_in_one_app(self, app: App) -> None:
+        (await app.attach("cometa-1")).serve(echo)
+        key = await app.server.provision(app.app_id, "native-1")
+        (await connect(app.http, app.server.ws_url, app.app_id, "native-1", key)).serve()
+        async with app.http.get(app.url("/devices"), headers=app.auth) as r:
+            assert await r.json() == {"num_devices": 2, "devices": ["cometa-1", "native-1"]}
+        assert await app.send("cometa-1", b"c") == (200, b"c")
+        assert await app.send("native-1", b"n") == (200, b"n")
+
+    async def test_garbage_after_attach_closes_only_that_device(self, app: App) -> None:
+        good = (await app.attach("good")).serve(echo)
+        bad = await app.attach("bad")
+        bad.writer.write(b"this is not a chunk size\r\n")
+        await bad.writer.drain()
+        await bad.wait_closed()
+        assert await app.send("good", b"still fine") == (200, b"still fine")
+        assert not good.closed.is_set()
+        await wait_for(lambda: app.server.relay.hub.get(app.app_id, "bad") is None)
+
+    async def test_disconnect_mid_call(self, app: App) -> None:
+        dev = await app.attach()
+
+        async def hang_up(message: bytes) -> None:
+            dev.close()
+
+        dev.serve(hang_up)
+        status, body = await app.send("AABBCCDDEEFF", b"x")
+        assert status == 502
+        assert json.loads(body)["error"] == "device_disconnected"
