@@ -23,6 +23,7 @@ from backchannel.config import load_config
 from backchannel.core.apps import AppService, AppSettings
 from backchannel.core.relay import Relay
 from backchannel.transports.sniff import SniffingSite
+from tests.webhook_receiver import receiver  # noqa: F401  (a shared fixture)
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 

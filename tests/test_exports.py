@@ -7,7 +7,10 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["backchannel", "backchannel.sdk", "backchannel.wire.native"])
+@pytest.mark.parametrize(
+    "module",
+    ["backchannel", "backchannel.sdk", "backchannel.wire.native", "backchannel.wire.cometa"],
+)
 def test_all_resolves(module: str) -> None:
     mod = importlib.import_module(module)
     assert mod.__all__

@@ -10,9 +10,11 @@ import aiohttp
 import orjson
 import pytest
 
+from backchannel.sdk import verify_webhook
 from tests.compat.cometa_device import CometaDevice, echo
 from tests.conftest import RunningServer, ServerFactory, wait_for
 from tests.rawdevice import connect
+from tests.webhook_receiver import Receiver
 
 
 def port_of(server: RunningServer) -> int:
@@ -159,6 +161,51 @@ class TestMessages:
         status, body = await app.send("AABBCCDDEEFF", b"")
         assert status == 400
         assert orjson.loads(body)["error"] == "invalid_message"
+
+
+class TestEvents:
+    """Upstream events (0x07) reach the webhook and the app WebSockets."""
+
+    async def test_event_reaches_webhook_and_app_websockets(
+        self, server: RunningServer, http: aiohttp.ClientSession, receiver: Receiver
+    ) -> None:
+        app = await App(server, http).create(webhook_url=receiver.url)
+        dev = (await app.attach("sensor-1")).serve(echo)
+        sockets = []
+        for prefix in ("", "/v1"):
+            async with http.get(app.url("/devices/sensor-1/websocket"), headers=app.auth) as r:
+                key = (await r.json())["device_key"]
+            ws_url = f"{server.url.replace('http', 'ws')}{prefix}/websockets/sensor-1/{key}"
+            sockets.append(await http.ws_connect(ws_url))
+        data = b'{"t":21,"raw":"\x00"}' + bytes(range(256))
+        await dev.event(data)
+        for ws in sockets:
+            msg = await ws.receive(timeout=5)
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.BINARY, data)
+        await wait_for(lambda: len(receiver.hits) == 1)
+        hit = receiver.hits[0]
+        assert hit.body == data
+        h = hit.headers
+        assert (h["X-Backchannel-App"], h["X-Backchannel-Device"]) == (app.app_id, "sensor-1")
+        assert verify_webhook(
+            app.secret, hit.body, h["X-Backchannel-Timestamp"], h["X-Backchannel-Signature"]
+        )
+        # The socket still works as a send channel while events flow.
+        await sockets[0].send_bytes(b"ping")
+        msg = await sockets[0].receive(timeout=5)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.BINARY, b"ping")
+        for ws in sockets:
+            await ws.close()
+
+    async def test_events_keep_their_order(
+        self, server: RunningServer, http: aiohttp.ClientSession, receiver: Receiver
+    ) -> None:
+        app = await App(server, http).create(webhook_url=receiver.url)
+        dev = (await app.attach("sensor-2")).serve(echo)
+        for n in range(20):
+            await dev.event(b"%d" % n)
+        await wait_for(lambda: len(receiver.hits) == 20)
+        assert [h.body for h in receiver.hits] == [b"%d" % n for n in range(20)]
 
 
 class TestQueue:

@@ -23,6 +23,7 @@ from backchannel.sdk.errors import (
     Unauthorized,
     error_from_response,
 )
+from backchannel.sdk.webhooks import signing_key, verify_webhook
 
 __all__ = [
     "AsyncClient",
@@ -47,4 +48,6 @@ __all__ = [
     "TimedOutBeforeDelivery",
     "Unauthorized",
     "error_from_response",
+    "signing_key",
+    "verify_webhook",
 ]
