@@ -21,12 +21,17 @@ from backchannel import __version__
 from backchannel.config import Config
 from backchannel.core.apps import AppService
 from backchannel.core.clock import Clock, SystemClock
+from backchannel.core.ratelimit import RateLimiter
 from backchannel.core.relay import Relay, RelayLimits
+from backchannel.core.tokens import TunnelTokens
+from backchannel.core.tunnels import TunnelRegistry
 from backchannel.frontdoors.admin import AdminApi
 from backchannel.frontdoors.app_api import AppApi
 from backchannel.frontdoors.app_websockets import AppWebSockets
 from backchannel.frontdoors.errors import MAX_BODY, json_errors
 from backchannel.frontdoors.health import Health
+from backchannel.frontdoors.socket2me_tokens import Socket2meTokens
+from backchannel.frontdoors.tunnel_ingress import TunnelIngress
 from backchannel.frontdoors.webhooks import Webhooks
 from backchannel.routing.broker import Broker
 from backchannel.routing.memory import MemoryBroker
@@ -36,6 +41,7 @@ from backchannel.state.store import Store
 from backchannel.transports.cometa_raw import CometaSettings, CometaTransport
 from backchannel.transports.native_ws import NativeSettings, NativeTransport
 from backchannel.transports.sniff import SniffingSite
+from backchannel.transports.socket2me import Socket2meSettings, Socket2meTransport
 
 log = logging.getLogger("backchannel")
 
@@ -45,7 +51,11 @@ WEBHOOKS = web.AppKey("backchannel.webhooks", Webhooks)
 #: The protocol factory for Cometa device connections, which the sniffing site needs.
 COMETA = web.AppKey("backchannel.cometa", CometaTransport)
 #: Set at startup when the server generated the admin token (tests read it from here).
+TUNNELS = web.AppKey("backchannel.tunnels", TunnelRegistry)
+TOKENS = web.AppKey("backchannel.tokens", TunnelTokens)
 GENERATED_ADMIN_TOKEN = web.AppKey("backchannel.generated_admin_token", str)
+NEW_TOKEN_RATE = 1.0  # GET /new per second per client IP
+NEW_TOKEN_BURST = 20
 FRAME_OVERHEAD = 512  # room for the frame header and method name around a max-size body
 
 
@@ -114,6 +124,29 @@ def build_app(
     webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
     relay.on_event(webhooks.on_event)
     AdminApi(relay, apps).add_routes(app)
+    tunnels = app[TUNNELS] = TunnelRegistry()
+    tokens = app[TOKENS] = TunnelTokens(store, clock, config.token_expire_seconds, tunnels)
+    Socket2meTransport(
+        tokens,
+        tunnels,
+        Socket2meSettings(
+            max_body=config.tunnel_max_body_size,
+            max_inflight=config.max_inflight_per_device,
+            ping_interval=config.heartbeat_interval,
+            ping_timeout=config.heartbeat_timeout - config.heartbeat_interval,
+        ),
+        clock,
+    ).add_routes(app)
+    # Creating a token writes the store, hence a stricter bucket of its own.
+    token_limiter = RateLimiter(NEW_TOKEN_RATE, NEW_TOKEN_BURST, clock)
+    Socket2meTokens(tokens, apps, token_limiter, config.socket2me).add_routes(app)
+    TunnelIngress(
+        tokens,
+        tunnels,
+        RateLimiter(config.tunnel_rate_limit, config.tunnel_rate_burst, clock),
+        timeout=config.tunnel_timeout,
+        max_body=config.tunnel_max_body_size,
+    ).add_routes(app)
     Health(relay).add_routes(app)
 
     admin_token = config.admin_token.get_secret_value() if config.admin_token else None
@@ -125,13 +158,16 @@ def build_app(
         if generated is not None:
             app[GENERATED_ADMIN_TOKEN] = generated
         relay.start()
+        tokens.start()
         yield
+        await tokens.stop()
         await broker.stop()
         await store.close()
 
     async def on_shutdown(app: web.Application) -> None:
         await relay.shutdown()
         await sockets.close_all()
+        tunnels.close_all("the server is shutting down")
 
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(webhooks.lifecycle)

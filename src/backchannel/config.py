@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,6 +43,25 @@ class Config(BaseSettings):
     cometa_stale_grace: float = Field(
         5.0, ge=0, description="How long a Cometa queue waits for a timed-out call's late reply"
     )
+    token_expire_seconds: float = Field(
+        21600.0,
+        gt=0,
+        # The bare name is also Socket2me's own variable TOKEN_EXPIRE_SECONDS (environment
+        # names are case-insensitive), so operators moving over keep their setting.
+        validation_alias=AliasChoices("BACKCHANNEL_TOKEN_EXPIRE_SECONDS", "token_expire_seconds"),
+        description="Lifetime of a Socket2me token unless refreshed (s)",
+    )
+    socket2me: Literal["open", "admin", "off"] = Field(
+        "open", description="Who may take tokens at GET /new: anyone, admin token only, nobody"
+    )
+    tunnel_timeout: float = Field(30.0, gt=0, description="Wait for a tunnel client's answer (s)")
+    tunnel_max_body_size: int = Field(
+        16 * MiB, ge=1024, description="Largest request or response body through a tunnel"
+    )
+    tunnel_rate_limit: float = Field(
+        400.0, ge=0, description="Public requests per second per client IP (0: no limit)"
+    )
+    tunnel_rate_burst: int = Field(800, ge=1, description="Requests a client IP may burst")
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import MIGRATIONS, SqliteStore
-from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, Store
+from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, Store, TunnelToken
 
 StoreFactory = Callable[[Path], Store]
 
@@ -238,6 +238,51 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
         await second.close()
 
 
+class TestTunnelTokens:
+    """Socket2me tokens, by hash, with an expiry."""
+
+    async def test_create_get_and_duplicate(self, store: Store) -> None:
+        token = TunnelToken("h1", created_at=10.0, expires_at=100.0)
+        assert await store.get_tunnel_token("h1") is None
+        await store.create_tunnel_token(token)
+        assert await store.get_tunnel_token("h1") == token
+        with pytest.raises(AlreadyExists):
+            await store.create_tunnel_token(TunnelToken("h1", 11.0, 111.0))
+        assert await store.get_tunnel_token("h1") == token
+
+    async def test_extend_only_existing(self, store: Store) -> None:
+        await store.create_tunnel_token(TunnelToken("h1", 10.0, 100.0))
+        assert await store.extend_tunnel_token("h1", 500.0)
+        assert await store.get_tunnel_token("h1") == TunnelToken("h1", 10.0, 500.0)
+        assert not await store.extend_tunnel_token("missing", 500.0)
+        assert await store.get_tunnel_token("missing") is None
+
+    async def test_delete_and_delete_expired(self, store: Store) -> None:
+        for n, expires in enumerate((50.0, 100.0, 150.0, 200.0)):
+            await store.create_tunnel_token(TunnelToken(f"h{n}", 1.0, expires))
+        assert await store.delete_tunnel_token("h3")
+        assert not await store.delete_tunnel_token("h3")
+        assert await store.delete_expired_tunnel_tokens(100.0) == 2  # h0 and h1 (<= now)
+        assert await store.get_tunnel_token("h0") is None
+        assert await store.get_tunnel_token("h1") is None
+        assert await store.get_tunnel_token("h2") == TunnelToken("h2", 1.0, 150.0)
+        assert await store.delete_expired_tunnel_tokens(100.0) == 0
+
+
+async def test_sqlite_tokens_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    first = SqliteStore(path)
+    await first.open()
+    await first.create_tunnel_token(TunnelToken("h", 1.0, 2.0))
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.get_tunnel_token("h") == TunnelToken("h", 1.0, 2.0)
+    finally:
+        await second.close()
+
+
 async def test_sqlite_same_instance_reopens(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "db.sqlite")
     await s.open()
@@ -259,7 +304,7 @@ async def test_sqlite_file_uses_wal_and_schema_version(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"apps", "device_credentials", "settings"} <= tables
+    assert {"apps", "device_credentials", "settings", "tunnel_tokens"} <= tables
 
 
 async def test_sqlite_work_runs_on_worker_thread(tmp_path: Path) -> None:

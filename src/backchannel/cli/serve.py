@@ -24,6 +24,18 @@ from backchannel.config import load_config
 @click.option("--heartbeat-timeout", type=float, help="Silence before a device drops [75].")
 @click.option("--max-body-size", type=int, help="Largest body in bytes [16 MiB].")
 @click.option("--max-inflight-per-device", type=int, help="Calls in flight per device [10000].")
+@click.option("--cometa-liveness", type=float, help="Silence before a Cometa device drops [120].")
+@click.option("--cometa-stale-grace", type=float, help="Wait for a late Cometa reply [5].")
+@click.option("--token-expire-seconds", type=float, help="Socket2me token lifetime [21600].")
+@click.option(
+    "--socket2me",
+    type=click.Choice(["open", "admin", "off"]),
+    help="Who may take Socket2me tokens at GET /new [open].",
+)
+@click.option("--tunnel-timeout", type=float, help="Wait for a tunnel client's answer [30].")
+@click.option("--tunnel-max-body-size", type=int, help="Largest tunnel body in bytes [16 MiB].")
+@click.option("--tunnel-rate-limit", type=float, help="Requests/s per client IP, 0 = off [400].")
+@click.option("--tunnel-rate-burst", type=int, help="Burst per client IP [800].")
 @click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=None, help="Log each request.")

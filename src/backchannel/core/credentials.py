@@ -32,6 +32,11 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def new_tunnel_token() -> str:
+    """A new Socket2me token: 48 URL-safe characters (288 bits), the original's length."""
+    return secrets.token_urlsafe(36)
+
+
 def hash_secret(secret: str) -> str:
     """The stored form of a secret."""
     return hashlib.sha256(secret.encode()).hexdigest()

@@ -12,3 +12,7 @@ PROTOCOL_ERRORS = Counter(
     "backchannel_protocol_errors", "Sessions closed for breaking the protocol", ["transport"]
 )
 LATE_REPLIES = Counter("backchannel_late_replies", "Replies that arrived after their call ended")
+TUNNEL_CLIENTS = Gauge("backchannel_tunnel_clients", "Connected tunnel clients", ["kind"])
+TUNNEL_REQUESTS = Counter(
+    "backchannel_tunnel_requests", "Public requests through tunnels, by outcome", ["outcome"]
+)

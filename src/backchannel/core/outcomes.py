@@ -68,3 +68,49 @@ class ShuttingDown(CallFailed):
     """The server is shutting down and takes no new calls."""
 
     code = "shutting_down"
+
+
+class ForwardFailed(Exception):
+    """Base class: a public request through a tunnel got no answer from its client."""
+
+    code = "forward_failed"
+
+
+class TunnelOffline(ForwardFailed):
+    """The token is valid but no client is connected for it."""
+
+    code = "tunnel_offline"
+
+
+class TunnelDisconnected(ForwardFailed):
+    """The client went away while the request was in flight."""
+
+    code = "tunnel_disconnected"
+
+
+class TunnelTimedOut(ForwardFailed):
+    """The client did not answer within the tunnel timeout."""
+
+    code = "tunnel_timeout"
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the tunnel client did not answer within {timeout:g} s")
+        self.timeout = timeout
+
+
+class TunnelBusy(ForwardFailed):
+    """The client has too many requests in flight."""
+
+    code = "tunnel_busy"
+
+
+class BadTunnelResponse(ForwardFailed):
+    """The client's answer cannot be turned into an HTTP response."""
+
+    code = "bad_tunnel_response"
+
+
+class TunnelResponseTooLarge(ForwardFailed):
+    """The client's answer is larger than the configured limit."""
+
+    code = "response_too_large"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential
+from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, TunnelToken
 
 
 class MemoryStore:
@@ -12,6 +12,7 @@ class MemoryStore:
         self._apps: dict[str, AppRecord] = {}
         self._creds: dict[tuple[str, str], DeviceCredential] = {}
         self._settings: dict[str, str] = {}
+        self._tokens: dict[str, TunnelToken] = {}
 
     async def open(self) -> None:
         """Do nothing: there is nothing to connect to."""
@@ -71,3 +72,32 @@ class MemoryStore:
     async def set_setting(self, name: str, value: str) -> None:
         """Store a server setting."""
         self._settings[name] = value
+
+    async def create_tunnel_token(self, token: TunnelToken) -> None:
+        """Insert a new tunnel token."""
+        if token.token_hash in self._tokens:
+            raise AlreadyExists("tunnel token exists")
+        self._tokens[token.token_hash] = token
+
+    async def get_tunnel_token(self, token_hash: str) -> TunnelToken | None:
+        """Return one tunnel token (expired or not) or None."""
+        return self._tokens.get(token_hash)
+
+    async def extend_tunnel_token(self, token_hash: str, expires_at: float) -> bool:
+        """Set a token's expiry; False when there is no such token."""
+        old = self._tokens.get(token_hash)
+        if old is None:
+            return False
+        self._tokens[token_hash] = TunnelToken(token_hash, old.created_at, expires_at)
+        return True
+
+    async def delete_tunnel_token(self, token_hash: str) -> bool:
+        """Delete one token; False when there was none."""
+        return self._tokens.pop(token_hash, None) is not None
+
+    async def delete_expired_tunnel_tokens(self, now: float) -> int:
+        """Delete every token with ``expires_at <= now``; return how many went."""
+        gone = [h for h, t in self._tokens.items() if t.expires_at <= now]
+        for h in gone:
+            del self._tokens[h]
+        return len(gone)

@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 
 import orjson
 
-from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, StoreError
+from backchannel.state.store import (
+    AlreadyExists,
+    AppRecord,
+    DeviceCredential,
+    StoreError,
+    TunnelToken,
+)
 
 T = TypeVar("T")
 
@@ -45,6 +51,14 @@ MIGRATIONS: tuple[str, ...] = (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
+    """,
+    """
+    CREATE TABLE tunnel_tokens (
+        token_hash TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX tunnel_tokens_by_expiry ON tunnel_tokens (expires_at);
     """,
 )
 
@@ -329,3 +343,60 @@ class SqliteStore:
             )
 
         await self._run(run)
+
+    async def create_tunnel_token(self, token: TunnelToken) -> None:
+        """Insert a new tunnel token."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO tunnel_tokens (token_hash, created_at, expires_at) "
+                    "VALUES (?, ?, ?)",
+                    (token.token_hash, token.created_at, token.expires_at),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("tunnel token exists") from None
+
+        await self._run(run)
+
+    async def get_tunnel_token(self, token_hash: str) -> TunnelToken | None:
+        """Return one tunnel token (expired or not) or None."""
+
+        def run(conn: sqlite3.Connection) -> TunnelToken | None:
+            row = conn.execute(
+                "SELECT token_hash, created_at, expires_at FROM tunnel_tokens WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            return None if row is None else TunnelToken(str(row[0]), row[1], row[2])
+
+        return await self._run(run)
+
+    async def extend_tunnel_token(self, token_hash: str, expires_at: float) -> bool:
+        """Set a token's expiry; False when there is no such token."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE tunnel_tokens SET expires_at = ? WHERE token_hash = ?",
+                (expires_at, token_hash),
+            )
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    async def delete_tunnel_token(self, token_hash: str) -> bool:
+        """Delete one token; False when there was none."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM tunnel_tokens WHERE token_hash = ?", (token_hash,))
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    async def delete_expired_tunnel_tokens(self, now: float) -> int:
+        """Delete every token with ``expires_at <= now``; return how many went."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("DELETE FROM tunnel_tokens WHERE expires_at <= ?", (now,))
+            return cur.rowcount
+
+        return await self._run(run)

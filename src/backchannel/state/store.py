@@ -44,6 +44,15 @@ class DeviceCredential:
     tags: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelToken:
+    """A Socket2me token, by its hash: it names a public ``/go/{token}`` URL until it expires."""
+
+    token_hash: str
+    created_at: float
+    expires_at: float
+
+
 class Store(Protocol):
     """Durable state. Every method is a coroutine and safe to call from the event loop.
 
@@ -53,6 +62,8 @@ class Store(Protocol):
       - ``delete_app`` also deletes the app's device credentials.
       - ``put_device_credential`` inserts or replaces (re-provisioning rotates the key).
       - Lists are ordered by creation time, then by id.
+      - ``create_tunnel_token`` raises :class:`AlreadyExists` for a taken hash;
+        ``extend_tunnel_token`` changes only an existing token.
       - Data written before ``close()`` is readable after a new ``open()`` on the same
         location (except for the memory store, which keeps nothing).
     """
@@ -95,3 +106,23 @@ class Store(Protocol):
 
     async def set_setting(self, name: str, value: str) -> None:
         """Store a server setting."""
+
+    async def create_tunnel_token(self, token: TunnelToken) -> None:
+        """Insert a new tunnel token."""
+        ...
+
+    async def get_tunnel_token(self, token_hash: str) -> TunnelToken | None:
+        """Return one tunnel token (expired or not) or None."""
+        ...
+
+    async def extend_tunnel_token(self, token_hash: str, expires_at: float) -> bool:
+        """Set a token's expiry; False when there is no such token."""
+        ...
+
+    async def delete_tunnel_token(self, token_hash: str) -> bool:
+        """Delete one token; False when there was none."""
+        ...
+
+    async def delete_expired_tunnel_tokens(self, now: float) -> int:
+        """Delete every token with ``expires_at <= now``; return how many went."""
+        ...

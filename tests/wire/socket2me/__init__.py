@@ -1,0 +1,1 @@
+"""Socket2me: the request event payload and the respond acknowledgement."""
