@@ -248,6 +248,37 @@ class TestQueue:
         assert orjson.loads(body_a)["error"] == "timeout_no_reply"
         assert await b == (200, b"reply-B")
 
+    async def test_reply_later_than_the_grace_never_reaches_the_next_request(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        server = await make_server(cometa_stale_grace=0.4)
+        app = await App(server, http).create()
+        dev = await app.attach()
+
+        async def very_late_for_a(message: bytes) -> bytes:
+            if message == b"A":
+                await asyncio.sleep(1.2)  # after A's timeout plus the grace
+            return b"reply-" + message
+
+        dev.serve(very_late_for_a)
+        a = asyncio.ensure_future(app.send("AABBCCDDEEFF", b"A", "?timeout=0.3"))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(app.send("AABBCCDDEEFF", b"B", "?timeout=5"))
+        status_a, body_a = await a
+        assert (status_a, orjson.loads(body_a)["error"]) == (408, "timeout_no_reply")
+        # The device still owes A's reply when the grace ends: the session is closed
+        # rather than risking A's reply being taken for B's. B was never sent.
+        status_b, body_b = await b
+        assert status_b == 418
+        assert orjson.loads(body_b)["error"] == "device_offline"
+        assert "nothing was sent" in orjson.loads(body_b)["detail"]
+        await dev.wait_closed()
+        assert dev.received == [b"A"]
+        # The device reconnects and works normally.
+        again = (await app.attach()).serve(echo)
+        assert await app.send("AABBCCDDEEFF", b"C") == (200, b"C")
+        again.close()
+
     async def test_queued_call_times_out_before_delivery(self, app: App) -> None:
         dev = await app.attach()
 

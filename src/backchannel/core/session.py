@@ -24,6 +24,9 @@ class CloseReason(Enum):
     AUTH_FAILED = "auth_failed"
     REVOKED = "credential_revoked"
     PEER_CLOSED = "peer_closed"
+    # A Cometa device still owed late replies after the grace: only a new connection can
+    # guarantee that no late reply is taken for the answer to a later message.
+    REPLY_ORDER_LOST = "reply_order_lost"
 
 
 @dataclass(slots=True)

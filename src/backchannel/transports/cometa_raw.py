@@ -7,11 +7,14 @@ an optional ``Authorization: Bearer <device key>`` header on the attach request)
 
 Cometa devices carry no request id, so a reply answers the single pending message. Calls
 are therefore queued and delivered one by one, each within its own timeout. When a call
-times out after delivery, its reply may still come: the session then *owes* one stale
-reply, and the next message waits (up to ``stale_grace`` seconds, within its own timeout)
-until that reply has arrived and been dropped, so a late reply is never handed to the next
-request. A device that never sends the owed reply delays the queue by at most
-``stale_grace`` once.
+times out after delivery, its reply may still come: the session then *owes* that reply
+(a count, since several calls in a row may time out). Nothing more is delivered while a
+reply is owed. Replies arriving meanwhile pay off the debt and are dropped. If the debt is
+not paid within ``stale_grace`` seconds of the last timeout, the session is closed: the
+device reconnects with a clean stream. So a late reply is never handed to a later request;
+the price of a device that never answers is one reconnect. Calls that were queued and never
+delivered fail as "device offline" (nothing was sent; safe to retry), never as "maybe
+delivered".
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ class CometaSession(asyncio.Protocol):
         self._current: asyncio.Future[bytes] | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._busy = False
-        self._stale_until = 0.0
-        self._stale_cleared: asyncio.Event = asyncio.Event()
+        self._owed = 0  # replies owed by calls that timed out after delivery
+        self._owed_deadline = 0.0
+        self._owed_paid: asyncio.Event = asyncio.Event()
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -214,16 +218,18 @@ class CometaSession(asyncio.Protocol):
                 self._relay.device_event(self, "", event.data)
 
     def _reply(self, body: bytes) -> None:
+        if self._owed:
+            # Replies come in order: this is the late answer to a call that timed out.
+            self._owed -= 1
+            if not self._owed:
+                self._owed_paid.set()
+            metrics.LATE_REPLIES.inc()
+            return
         current = self._current
         if current is not None and not current.done():
             current.set_result(body)
-        elif self._stale_until:
-            # The late answer to a call that timed out: drop it, free the queue.
-            self._stale_until = 0.0
-            self._stale_cleared.set()
-            metrics.LATE_REPLIES.inc()
         else:
-            metrics.LATE_REPLIES.inc()
+            metrics.LATE_REPLIES.inc()  # an answer nobody asked for
 
     # -- Session ----------------------------------------------------------------------------
 
@@ -252,7 +258,10 @@ class CometaSession(asyncio.Protocol):
             raise TimedOutBeforeDelivery(timeout) from None
         if self._closed:
             self._release_turn()
-            raise DeviceDisconnected(f"device disconnected ({self._close_reason.value})")
+            raise DeviceOffline(
+                f"device disconnected before the message was delivered "
+                f"({self._close_reason.value}); nothing was sent"
+            )
         conn, io = self._conn, self._io
         assert conn is not None and io is not None
         future: asyncio.Future[bytes] = loop.create_future()
@@ -267,8 +276,9 @@ class CometaSession(asyncio.Protocol):
             reply = await future
         except TimeoutError:
             self.stats.errors += 1
-            self._stale_until = loop.time() + self._settings.stale_grace
-            self._stale_cleared.clear()
+            self._owed += 1
+            self._owed_deadline = loop.time() + self._settings.stale_grace
+            self._owed_paid.clear()
             raise NoReply(timeout) from None
         finally:
             timer.cancel()
@@ -304,14 +314,24 @@ class CometaSession(asyncio.Protocol):
                 return
 
     async def _settle_stale(self) -> None:
-        remaining = self._stale_until - self._loop.time()
-        if self._stale_until and remaining > 0:
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._stale_cleared.wait()
-            except TimeoutError:
-                pass  # the grace ran out: the late reply is not coming
-        self._stale_until = 0.0
+        if not self._owed:
+            return
+        try:
+            async with asyncio.timeout_at(self._owed_deadline):
+                await self._owed_paid.wait()
+        except TimeoutError:
+            pass
+        if self._owed and not self._closed:
+            log.info(
+                "Cometa device %s/%s still owes %d late replies after %g s: reconnecting it "
+                "so that no late reply answers a later message",
+                self.app_id,
+                self.device_id,
+                self._owed,
+                self._settings.stale_grace,
+            )
+            self._close_reason = CloseReason.REPLY_ORDER_LOST
+            self._shut()
 
     def in_flight(self) -> int:
         """The call on the wire plus the queued ones."""
@@ -345,7 +365,7 @@ class CometaSession(asyncio.Protocol):
 
     def _wake_all(self) -> None:
         # Queued callers wake up, see the session closed, and fail with DeviceDisconnected.
-        self._stale_cleared.set()
+        self._owed_paid.set()
         self._writable.set()
         if not self._busy:
             self._release_turn()

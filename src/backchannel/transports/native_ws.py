@@ -50,6 +50,7 @@ CLOSE_CODES: dict[CloseReason, int] = {
     CloseReason.DETACHED: 4003,
     CloseReason.HEARTBEAT_TIMEOUT: 4004,
     CloseReason.REVOKED: 4005,
+    CloseReason.REPLY_ORDER_LOST: 4000,  # Cometa only; never used on native sessions
 }
 
 
