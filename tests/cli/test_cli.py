@@ -168,6 +168,21 @@ class TestLocalApps:
         assert new["webhook_url"] is None
         assert "updated" in local("apps", "update", app_id, "--default-timeout", "4").output
 
+    def test_update_allow_list(self, local: Local) -> None:
+        app_id = local.create("demo", "--allow-device", "A1")["app_id"]
+        new = as_json(
+            local(
+                "apps", "update", app_id, "--allow-device", "B2", "--allow-device", "C3", "--json"
+            )
+        )
+        assert new["allowed_devices"] == ["B2", "C3"]
+        new = as_json(local("apps", "update", app_id, "--default-timeout", "2", "--json"))
+        assert new["allowed_devices"] == ["B2", "C3"]  # not given: kept
+        new = as_json(local("apps", "update", app_id, "--clear-allowed-devices", "--json"))
+        assert new["allowed_devices"] == []
+        both = local("apps", "update", app_id, "--allow-device", "X", "--clear-allowed-devices")
+        assert both.exit_code == 2
+
     def test_update_needs_a_change(self, local: Local) -> None:
         app = local.create()
         result = local("apps", "update", app["app_id"])
@@ -336,6 +351,10 @@ class TestRemote:
         assert new["default_timeout"] == 5.0
         new = as_json(await run("apps", "update", app_id, "--webhook", "", "--json"))
         assert new["webhook_url"] is None and new["allow_open_attach"] is True
+        new = as_json(await run("apps", "update", app_id, "--allow-device", "D4", "--json"))
+        assert new["allowed_devices"] == ["D4"]
+        new = as_json(await run("apps", "update", app_id, "--clear-allowed-devices", "--json"))
+        assert new["allowed_devices"] == []
 
         rotated = as_json(await run("apps", "rotate-secret", app_id, "--json"))
         assert set(rotated) == {"app_id", "secret"}

@@ -149,6 +149,14 @@ class TestMessages:
         assert p["net"]["received"]["messages"] == 2  # the heartbeat and the reply
         assert p["latency"] > 0
 
+    async def test_presence_is_fresh_before_the_first_heartbeat(self, app: App) -> None:
+        (await app.attach()).serve(echo)
+        assert await app.send("AABBCCDDEEFF", b"x") == (200, b"x")
+        async with app.http.get(app.url("/devices/AABBCCDDEEFF"), headers=app.auth) as r:
+            p = await r.json()
+        assert abs(p["heartbeat"] - time.time()) < 10  # attach time, not 0
+        assert abs(p["last_seen"] - time.time()) < 10
+
     async def test_events_are_counted(self, app: App) -> None:
         dev = (await app.attach()).serve(echo)
         await dev.event(b'{"t":21}')

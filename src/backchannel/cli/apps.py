@@ -154,7 +154,7 @@ def apps() -> None:
 @click.option(
     "--webhook",
     metavar="URL",
-    help="URL for the app's device events (stored now; delivery comes with webhook support).",
+    help="URL that receives the app's device events, signed (see docs/cometa.md#webhooks).",
 )
 @click.option(
     "--default-timeout", type=_timeout_type, metavar="S", help="Call timeout for this app."
@@ -236,6 +236,14 @@ def show_app(app_id: str, as_json: bool, target: Target) -> None:
     default=None,
     help="Let any device id connect without a key, or stop that.",
 )
+@click.option(
+    "--allow-device",
+    "allowed_devices",
+    multiple=True,
+    metavar="ID",
+    help="Replace the allow-list with these device ids (repeatable).",
+)
+@click.option("--clear-allowed-devices", is_flag=True, help="Empty the allow-list.")
 @json_option
 @backend_options
 def update_app(
@@ -243,15 +251,26 @@ def update_app(
     webhook: str | None,
     default_timeout: float | None,
     allow_open_attach: bool | None,
+    allowed_devices: tuple[str, ...],
+    clear_allowed_devices: bool,
     as_json: bool,
     target: Target,
 ) -> None:
     """Change an application's settings; options not given keep their value."""
-    if webhook is None and default_timeout is None and allow_open_attach is None:
+    if allowed_devices and clear_allowed_devices:
+        raise click.UsageError("give --allow-device or --clear-allowed-devices, not both")
+    new_list = () if clear_allowed_devices else (allowed_devices or None)
+    if (
+        webhook is None
+        and default_timeout is None
+        and allow_open_attach is None
+        and new_list is None
+    ):
         raise click.UsageError(
-            "nothing to change: give --webhook, --default-timeout or --[no-]allow-open-attach"
+            "nothing to change: give --webhook, --default-timeout, --[no-]allow-open-attach, "
+            "--allow-device or --clear-allowed-devices"
         )
-    settings = _settings(webhook, default_timeout, allow_open_attach)
+    settings = _settings(webhook, default_timeout, allow_open_attach, new_list)
     app = run_backend(target, lambda b: b.update_app(app_id, settings))
     if as_json:
         print_json(app)

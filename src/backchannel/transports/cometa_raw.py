@@ -42,7 +42,6 @@ from backchannel.core.session import CloseReason, SessionStats, record_latency
 from backchannel.wire.cometa import (
     AttachRequest,
     CometaConnection,
-    Heartbeat,
     Reply,
     Upstream,
     accept_head,
@@ -174,6 +173,7 @@ class CometaSession(asyncio.Protocol):
             self._handshake_timer.cancel()
         self.app_id, self.device_id = request.app_id, request.device_id
         self.stats.info = request.platform[:200]
+        self.stats.last_seen = time.time()
         now = self._loop.time()
         self._conn = CometaConnection(max_chunk=self._settings.max_message, now=now)
         self._io.write(accept_head(ANNOUNCED_HEARTBEAT, int(time.time())))
@@ -208,12 +208,13 @@ class CometaSession(asyncio.Protocol):
             self._shut()
             return
         stats.rx_bytes += len(data)
+        if events:
+            # Any frame proves the device alive, not only the 60-second heartbeat.
+            stats.last_seen = time.time()
         for event in events:
             stats.rx_messages += 1
             if isinstance(event, Reply):
                 self._reply(event.body)
-            elif isinstance(event, Heartbeat):
-                stats.last_seen = time.time()
             elif isinstance(event, Upstream):
                 self._relay.device_event(self, "", event.data)
 
@@ -267,7 +268,8 @@ class CometaSession(asyncio.Protocol):
         future: asyncio.Future[bytes] = loop.create_future()
         self._current = future
         frame = conn.message(body)
-        started = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock has whole-millisecond steps.
+        started = time.perf_counter()
         io.write(frame)
         self.stats.tx_bytes += len(frame)
         self.stats.tx_messages += 1
@@ -284,7 +286,7 @@ class CometaSession(asyncio.Protocol):
             timer.cancel()
             self._current = None
             self._release_turn()
-        record_latency(self.stats, (loop.time() - started) * 1000.0)
+        record_latency(self.stats, (time.perf_counter() - started) * 1000.0)
         return reply
 
     async def _take_turn(self) -> None:
