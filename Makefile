@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/backchannel serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
@@ -30,9 +30,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Every benchmark runs even when an earlier one misses a target; the exit status tells.
 bench: $(STAMP)
-	$(BIN)/python bench/rpc.py
-	$(BIN)/python bench/connections.py
+	@status=0; \
+	for b in rpc cometa connections; do $(BIN)/python bench/$$b.py || status=1; done; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

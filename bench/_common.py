@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: subprocesses, the admin API, /proc readings, a raw device.
+"""Shared helpers of the benchmarks: subprocesses, the admin API, /proc readings, raw native
+devices, and the load generator of the call benchmarks.
 
 Not a test module. Every benchmark in this directory is a standalone script that imports this
 file (``python bench/rpc.py`` puts ``bench/`` on ``sys.path``). Everything here is loopback
@@ -7,6 +8,7 @@ only and Linux-specific where it reads ``/proc``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -24,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -593,3 +596,271 @@ async def _serve_echo(
 async def _close_quietly(ws: aiohttp.ClientWebSocketResponse, code: int = 1000) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(ws.close(code=code), 2.0)
+
+
+async def serve_native_devices(ws_url: str, creds_path: Path) -> None:
+    """A device-process role: echo devices for every credential in ``creds_path``.
+
+    Prints ``READY <stats>`` once all are online (``GAVE_UP <stats>`` if one is refused),
+    then serves until killed.
+    """
+    creds = load_creds(creds_path)
+    stats = DeviceStats()
+    async with device_session() as http:
+        tasks = [asyncio.create_task(run_device(http, ws_url, cr, stats)) for cr in creds]
+        await announce_online(stats, tasks)
+
+
+async def announce_online(stats: DeviceStats, tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Print ``READY <stats>`` once every device task is online, then wait for them all.
+
+    Prints ``GAVE_UP <stats>`` and returns as soon as one device gave up (was refused), and
+    ``DONE <stats>`` if every task ends. The parent waits for a READY or GAVE_UP line.
+    """
+    while stats.online < len(tasks):
+        if stats.gave_up:
+            print("GAVE_UP", json.dumps(stats.as_dict()), flush=True)
+            return
+        await asyncio.sleep(0.01)
+    print("READY", json.dumps(stats.as_dict()), flush=True)
+    await asyncio.gather(*tasks)
+    print("DONE", json.dumps(stats.as_dict()), flush=True)
+
+
+# -- the load generator of the call benchmarks -----------------------------------------------
+
+#: Where the load generator sends its calls (``POST``, ``Authorization: OAuth <secret>``).
+SEND_PATH = "/v1/applications/{app}/devices/{dev}/send"
+
+#: CPU used by processes other than the measured ones, in % of one core, above which the
+#: figures are flagged as unreliable.
+NOISE_WARN_PCT = 15.0
+
+
+def add_loadgen_args(p: argparse.ArgumentParser) -> None:
+    """The hidden options :func:`run_loadgen` passes to ``--role loadgen``.
+
+    The script must also have ``--concurrency``, ``--duration``, ``--warmup`` and
+    ``--body-size`` (public options there).
+    """
+    hidden = argparse.SUPPRESS
+    p.add_argument("--urls", help=hidden)
+    p.add_argument("--auth", help=hidden)
+    p.add_argument("--pids", default="", help=hidden)
+
+
+def loadgen_role(args: argparse.Namespace) -> int:
+    """The ``--role loadgen`` child: run :func:`loadgen`, print its JSON result as one line."""
+    pids = [int(x) for x in args.pids.split(",") if x]
+    out = run_async(
+        loadgen(
+            json.loads(args.urls),
+            args.auth,
+            int(args.concurrency),
+            args.warmup,
+            args.duration,
+            args.body_size,
+            pids,
+        )
+    )
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def run_loadgen(
+    kids: Children,
+    script: str,
+    urls: Sequence[str],
+    auth: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    pids: Sequence[int],
+) -> dict[str, Any]:
+    """Run ``script --role loadgen`` in its own process and return its JSON result.
+
+    ``args`` supplies ``duration``, ``warmup`` and ``body_size``; the CPU time of ``pids``
+    is sampled over the measured window.
+    """
+    cmd = [sys.executable, script, "--role", "loadgen", "--urls", json.dumps(list(urls))]
+    cmd += ["--auth", auth, "--concurrency", str(concurrency), "--duration", str(args.duration)]
+    cmd += ["--warmup", str(args.warmup), "--body-size", str(args.body_size)]
+    cmd += ["--pids", ",".join(map(str, pids))]
+    proc = kids.spawn(cmd)
+    try:
+        out, _ = proc.communicate(timeout=args.warmup + args.duration + 60)
+    finally:
+        kids.stop(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{out}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+async def loadgen(
+    urls: list[str],
+    auth: str,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    body_size: int,
+    pids: list[int],
+) -> dict[str, Any]:
+    """C workers on a keep-alive connector of C connections, each looping POST of the body.
+
+    Worker i uses ``urls[i % len(urls)]``. Counts replies equal to the body in the window
+    ``[warmup, warmup + duration)``, latencies of calls started and finished in it, and the
+    CPU time of ``pids``, of this process and of the whole machine over it.
+    """
+    body = (b"0123456789abcdef" * (body_size // 16 + 1))[:body_size]
+    headers = {"Authorization": auth, "Content-Type": "application/octet-stream"}
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    completed = 0
+    t_begin = time.perf_counter()
+    start = t_begin + warmup
+    end = start + duration
+    perf = time.perf_counter
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def worker(i: int) -> None:
+            nonlocal completed
+            url = urls[i % len(urls)]
+            while True:
+                t0 = perf()
+                if t0 >= end:
+                    return
+                status: int | str
+                try:
+                    async with http.post(url, data=body) as resp:
+                        data = await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, OSError) as exc:
+                    status, data = type(exc).__name__, b""
+                    await asyncio.sleep(0.001)
+                t1 = perf()
+                if start <= t1 <= end:
+                    if status == 200 and data == body:
+                        completed += 1
+                        if t0 >= start:
+                            latencies.append(t1 - t0)
+                    else:
+                        failures[str(status)] += 1
+
+        async def sampler() -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, start - perf()))
+            cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+            own0, w0, m0 = time.process_time(), perf(), machine_cpu_seconds()
+            await asyncio.sleep(max(0.0, end - perf()))
+            cpu1 = {pid: cpu_seconds(pid) for pid in pids}
+            own1, w1, m1 = time.process_time(), perf(), machine_cpu_seconds()
+            return {
+                "window": w1 - w0,
+                "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
+                "loadgen_cpu": own1 - own0,
+                # The whole machine: shows other work (not ours) competing for the CPUs.
+                "machine_busy": m1[0] - m0[0],
+                "machine_total": m1[1] - m0[1],
+            }
+
+        sampled, *_ = await asyncio.gather(sampler(), *(worker(i) for i in range(concurrency)))
+    latencies.sort()
+    return {
+        "calls": completed,
+        "errors": sum(failures.values()),
+        "failures": dict(failures),
+        "duration": duration,
+        "calls_per_s": completed / duration,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p90_ms": percentile(latencies, 90) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
+        **sampled,
+    }
+
+
+def measurement_row(result: dict[str, Any], pids: Sequence[int]) -> dict[str, Any]:
+    """The reported figures of one :func:`loadgen` result; ``pids`` = (server, device?)."""
+    cpu = result["cpu"]
+    calls = max(1, result["calls"])
+    window = result["window"]
+    return {
+        "calls": result["calls"],
+        "errors": result["errors"],
+        "calls_per_s": round(result["calls_per_s"], 1),
+        "p50_ms": round(result["p50_ms"], 3),
+        "p90_ms": round(result["p90_ms"], 3),
+        "p99_ms": round(result["p99_ms"], 3),
+        "server_cpu_us_per_call": round(cpu[str(pids[0])] / calls * 1e6, 1),
+        "server_cpu_pct": round(100 * cpu[str(pids[0])] / window, 1),
+        "device_cpu_us_per_call": (
+            round(cpu[str(pids[1])] / calls * 1e6, 1) if len(pids) > 1 else None
+        ),
+        "loadgen_cpu_pct": round(100 * result["loadgen_cpu"] / window, 1),
+        "machine_busy_pct": round(100 * result["machine_busy"] / result["machine_total"], 1),
+        # CPU used by anything but the measured processes, in % of one core.
+        "other_cpu_pct": round(
+            100 * (result["machine_busy"] - sum(cpu.values()) - result["loadgen_cpu"]) / window,
+            1,
+        ),
+        "failures": result["failures"],
+    }
+
+
+def print_measurements(
+    rows: Sequence[dict[str, Any]],
+    label_header: str,
+    labels: Sequence[str],
+    share_header: str,
+    shares: Sequence[str],
+) -> None:
+    """Print :func:`measurement_row` rows, each led by its label, then concurrency and share."""
+    table = []
+    for r, label, share in zip(rows, labels, shares, strict=True):
+        dev_cpu = r["device_cpu_us_per_call"]
+        table.append(
+            [
+                label,
+                r["concurrency"],
+                f"{r['calls_per_s']:.0f}",
+                share,
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{r['server_cpu_us_per_call']:.0f}",
+                f"{r['server_cpu_pct']:.0f}%",
+                "" if dev_cpu is None else f"{dev_cpu:.0f}",
+                f"{r['loadgen_cpu_pct']:.0f}%",
+                f"{r['machine_busy_pct']:.0f}%",
+                f"{r['other_cpu_pct']:.0f}%",
+                r["errors"],
+            ]
+        )
+    print_table(
+        [
+            label_header,
+            "conc",
+            "calls/s",
+            share_header,
+            "p50 ms",
+            "p99 ms",
+            "srv µs/call",
+            "srv cpu",
+            "dev µs/call",
+            "loadgen cpu",
+            "machine busy",
+            "other cpu",
+            "errors",
+        ],
+        table,
+    )
+
+
+def warn_if_noisy(rows: Sequence[dict[str, Any]]) -> float:
+    """Warn when other processes used much CPU during a measurement; return the maximum."""
+    noisy: float = max(r["other_cpu_pct"] for r in rows)
+    if noisy > NOISE_WARN_PCT:
+        print(
+            f"\nwarning: other processes used up to {noisy:.0f}% of a core during the "
+            "measurements; the figures are unreliable (see 'other cpu')"
+        )
+    return noisy

@@ -18,39 +18,20 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 import _common as c
 
-SEND_PATH = "/v1/applications/{app}/devices/{dev}/send"
+SEND_PATH = c.SEND_PATH
 P50_TARGET_MS = 1.0  # at concurrency 1
 THROUGHPUT_TARGET = 0.5  # of the trivial handler, at concurrency 64
 CPU_TARGET_US = 100.0  # server CPU per call, at concurrency 64
-NOISE_WARN_PCT = 15.0  # CPU used by other processes, in % of one core
 
 
 # -- child roles -----------------------------------------------------------------------------
-
-
-async def _devices_role(ws_url: str, creds_path: Path) -> None:
-    creds = c.load_creds(creds_path)
-    stats = c.DeviceStats()
-    async with c.device_session() as http:
-        tasks = [asyncio.create_task(c.run_device(http, ws_url, cr, stats)) for cr in creds]
-        while stats.online < len(creds):
-            if stats.gave_up:
-                print("GAVE_UP", json.dumps(stats.as_dict()), flush=True)
-                return
-            await asyncio.sleep(0.01)
-        print("READY", json.dumps(stats.as_dict()), flush=True)
-        await asyncio.gather(*tasks)
-        print("DONE", json.dumps(stats.as_dict()), flush=True)
 
 
 async def _trivial_role(port: int) -> None:
@@ -66,108 +47,7 @@ async def _trivial_role(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def _loadgen_role(
-    urls: list[str],
-    auth: str,
-    concurrency: int,
-    warmup: float,
-    duration: float,
-    body_size: int,
-    pids: list[int],
-) -> dict[str, Any]:
-    body = (b"0123456789abcdef" * (body_size // 16 + 1))[:body_size]
-    headers = {"Authorization": auth, "Content-Type": "application/octet-stream"}
-    latencies: list[float] = []
-    failures: Counter[str] = Counter()
-    completed = 0
-    t_begin = time.perf_counter()
-    start = t_begin + warmup
-    end = start + duration
-    perf = time.perf_counter
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
-
-        async def worker(i: int) -> None:
-            nonlocal completed
-            url = urls[i % len(urls)]
-            while True:
-                t0 = perf()
-                if t0 >= end:
-                    return
-                status: int | str
-                try:
-                    async with http.post(url, data=body) as resp:
-                        data = await resp.read()
-                        status = resp.status
-                except (aiohttp.ClientError, OSError) as exc:
-                    status, data = type(exc).__name__, b""
-                    await asyncio.sleep(0.001)
-                t1 = perf()
-                if start <= t1 <= end:
-                    if status == 200 and data == body:
-                        completed += 1
-                        if t0 >= start:
-                            latencies.append(t1 - t0)
-                    else:
-                        failures[str(status)] += 1
-
-        async def sampler() -> dict[str, Any]:
-            await asyncio.sleep(max(0.0, start - perf()))
-            cpu0 = {pid: c.cpu_seconds(pid) for pid in pids}
-            own0, w0, m0 = time.process_time(), perf(), c.machine_cpu_seconds()
-            await asyncio.sleep(max(0.0, end - perf()))
-            cpu1 = {pid: c.cpu_seconds(pid) for pid in pids}
-            own1, w1, m1 = time.process_time(), perf(), c.machine_cpu_seconds()
-            return {
-                "window": w1 - w0,
-                "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
-                "loadgen_cpu": own1 - own0,
-                # The whole machine: shows other work (not ours) competing for the CPUs.
-                "machine_busy": m1[0] - m0[0],
-                "machine_total": m1[1] - m0[1],
-            }
-
-        sampled, *_ = await asyncio.gather(sampler(), *(worker(i) for i in range(concurrency)))
-    latencies.sort()
-    return {
-        "calls": completed,
-        "errors": sum(failures.values()),
-        "failures": dict(failures),
-        "duration": duration,
-        "calls_per_s": completed / duration,
-        "p50_ms": c.percentile(latencies, 50) * 1000,
-        "p90_ms": c.percentile(latencies, 90) * 1000,
-        "p99_ms": c.percentile(latencies, 99) * 1000,
-        "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
-        **sampled,
-    }
-
-
 # -- the benchmark ---------------------------------------------------------------------------
-
-
-def run_loadgen(
-    kids: c.Children,
-    urls: list[str],
-    auth: str,
-    concurrency: int,
-    args: argparse.Namespace,
-    pids: list[int],
-) -> dict[str, Any]:
-    """Run the load generator in its own process and return its JSON result."""
-    cmd = [sys.executable, __file__, "--role", "loadgen", "--urls", json.dumps(urls)]
-    cmd += ["--auth", auth, "--concurrency", str(concurrency), "--duration", str(args.duration)]
-    cmd += ["--warmup", str(args.warmup), "--body-size", str(args.body_size)]
-    cmd += ["--pids", ",".join(map(str, pids))]
-    proc = kids.spawn(cmd)
-    try:
-        out, _ = proc.communicate(timeout=args.warmup + args.duration + 60)
-    finally:
-        kids.stop(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{out}")
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
 
 
 def bench(kids: c.Children, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -215,32 +95,8 @@ def bench(kids: c.Children, tmp: Path, args: argparse.Namespace) -> dict[str, An
             ("trivial", trivial_urls, [trivial.pid]),
         ):
             print(f"  {target:8s} concurrency {conc:4d} ...", end="", flush=True, file=sys.stderr)
-            r = run_loadgen(kids, urls, auth, conc, args, pids)
-            cpu = r["cpu"]
-            calls = max(1, r["calls"])
-            row = {
-                "target": target,
-                "concurrency": conc,
-                "calls": r["calls"],
-                "errors": r["errors"],
-                "calls_per_s": round(r["calls_per_s"], 1),
-                "p50_ms": round(r["p50_ms"], 3),
-                "p90_ms": round(r["p90_ms"], 3),
-                "p99_ms": round(r["p99_ms"], 3),
-                "server_cpu_us_per_call": round(cpu[str(pids[0])] / calls * 1e6, 1),
-                "server_cpu_pct": round(100 * cpu[str(pids[0])] / r["window"], 1),
-                "device_cpu_us_per_call": (
-                    round(cpu[str(pids[1])] / calls * 1e6, 1) if len(pids) > 1 else None
-                ),
-                "loadgen_cpu_pct": round(100 * r["loadgen_cpu"] / r["window"], 1),
-                "machine_busy_pct": round(100 * r["machine_busy"] / r["machine_total"], 1),
-                # CPU used by anything but the measured processes, in % of one core.
-                "other_cpu_pct": round(
-                    100 * (r["machine_busy"] - sum(cpu.values()) - r["loadgen_cpu"]) / r["window"],
-                    1,
-                ),
-                "failures": r["failures"],
-            }
+            r = c.run_loadgen(kids, __file__, urls, auth, conc, args, pids)
+            row = {"target": target, "concurrency": conc, **c.measurement_row(r, pids)}
             rows.append(row)
             print(f" {row['calls_per_s']:.0f} calls/s", file=sys.stderr)
     if server.sessions() != args.devices:
@@ -258,50 +114,15 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         f"({args.duration:g} s after {args.warmup:g} s warm-up, {args.body_size}-byte body, "
         f"{args.devices} device(s))"
     )
-    table = []
+    shares = []
     for r in rows:
         trivial = by.get(("trivial", r["concurrency"]))
-        pct = (
+        shares.append(
             f"{100 * r['calls_per_s'] / trivial['calls_per_s']:.0f}%"
             if r["target"] == "relay" and trivial and trivial["calls_per_s"]
             else ""
         )
-        dev_cpu = r["device_cpu_us_per_call"]
-        table.append(
-            [
-                r["target"],
-                r["concurrency"],
-                f"{r['calls_per_s']:.0f}",
-                pct,
-                f"{r['p50_ms']:.3f}",
-                f"{r['p99_ms']:.3f}",
-                f"{r['server_cpu_us_per_call']:.0f}",
-                f"{r['server_cpu_pct']:.0f}%",
-                "" if dev_cpu is None else f"{dev_cpu:.0f}",
-                f"{r['loadgen_cpu_pct']:.0f}%",
-                f"{r['machine_busy_pct']:.0f}%",
-                f"{r['other_cpu_pct']:.0f}%",
-                r["errors"],
-            ]
-        )
-    c.print_table(
-        [
-            "target",
-            "conc",
-            "calls/s",
-            "% trivial",
-            "p50 ms",
-            "p99 ms",
-            "srv µs/call",
-            "srv cpu",
-            "dev µs/call",
-            "loadgen cpu",
-            "machine busy",
-            "other cpu",
-            "errors",
-        ],
-        table,
-    )
+    c.print_measurements(rows, "target", [r["target"] for r in rows], "% trivial", shares)
 
     targets: list[dict[str, Any]] = []
     r1 = by.get(("relay", 1))
@@ -333,12 +154,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 "pass": r64["server_cpu_us_per_call"] < CPU_TARGET_US,
             }
         )
-    noisy = max(r["other_cpu_pct"] for r in rows)
-    if noisy > NOISE_WARN_PCT:
-        print(
-            f"\nwarning: other processes used up to {noisy:.0f}% of a core during the "
-            "measurements; the figures are unreliable (see 'other cpu')"
-        )
+    noisy = c.warn_if_noisy(rows)
     errors = sum(r["errors"] for r in rows)
     if errors:
         targets.append({"name": "no failed calls", "value": errors, "unit": "", "pass": False})
@@ -372,9 +188,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ws-url", help=hidden)
     p.add_argument("--creds", type=Path, help=hidden)
     p.add_argument("--port", type=int, help=hidden)
-    p.add_argument("--urls", help=hidden)
-    p.add_argument("--auth", help=hidden)
-    p.add_argument("--pids", default="", help=hidden)
+    c.add_loadgen_args(p)
     return p.parse_args()
 
 
@@ -382,26 +196,13 @@ def main() -> int:
     """Entry point: a child role, or the benchmark itself."""
     args = parse_args()
     if args.role == "devices":
-        c.run_async(_devices_role(args.ws_url, args.creds))
+        c.run_async(c.serve_native_devices(args.ws_url, args.creds))
         return 0
     if args.role == "trivial":
         c.run_async(_trivial_role(args.port))
         return 0
     if args.role == "loadgen":
-        pids = [int(x) for x in args.pids.split(",") if x]
-        out = c.run_async(
-            _loadgen_role(
-                json.loads(args.urls),
-                args.auth,
-                int(args.concurrency),
-                args.warmup,
-                args.duration,
-                args.body_size,
-                pids,
-            )
-        )
-        print(json.dumps(out), flush=True)
-        return 0
+        return c.loadgen_role(args)
 
     c.sigterm_raises_keyboard_interrupt()
     try:

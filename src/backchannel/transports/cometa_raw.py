@@ -245,18 +245,12 @@ class CometaSession(asyncio.Protocol):
         loop = self._loop
         deadline = loop.time() + timeout
         self.stats.calls += 1
-        held = False
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._take_turn()
-                held = True
-                await self._settle_stale()
-                await self._writable.wait()
-        except TimeoutError:
-            if held:
-                self._release_turn()
-            self.stats.errors += 1
-            raise TimedOutBeforeDelivery(timeout) from None
+        if not self._busy and not self._waiters and not self._owed and self._writable.is_set():
+            # Idle session, nothing owed, socket writable: no queue to wait in, so skip the
+            # timeout scope (the common case when devices outnumber concurrent callers).
+            self._busy = True
+        else:
+            await self._wait_for_turn(deadline, timeout)
         if self._closed:
             self._release_turn()
             raise DeviceOffline(
@@ -288,6 +282,20 @@ class CometaSession(asyncio.Protocol):
             self._release_turn()
         record_latency(self.stats, (time.perf_counter() - started) * 1000.0)
         return reply
+
+    async def _wait_for_turn(self, deadline: float, timeout: float) -> None:
+        held = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._take_turn()
+                held = True
+                await self._settle_stale()
+                await self._writable.wait()
+        except TimeoutError:
+            if held:
+                self._release_turn()
+            self.stats.errors += 1
+            raise TimedOutBeforeDelivery(timeout) from None
 
     async def _take_turn(self) -> None:
         if not self._busy and not self._waiters:
