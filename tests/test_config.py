@@ -74,3 +74,25 @@ def test_unknown_toml_key_and_missing_file(tmp_path: Path) -> None:
         load_config(toml)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
+
+
+def test_token_expire_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Socket2me's own TOKEN_EXPIRE_SECONDS is honoured; the BACKCHANNEL_ name wins."""
+    for name in ("TOKEN_EXPIRE_SECONDS", "BACKCHANNEL_TOKEN_EXPIRE_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_config().token_expire_seconds == 21600
+    monkeypatch.setenv("TOKEN_EXPIRE_SECONDS", "42")
+    assert load_config().token_expire_seconds == 42
+    monkeypatch.setenv("BACKCHANNEL_TOKEN_EXPIRE_SECONDS", "7.5")
+    assert load_config().token_expire_seconds == 7.5
+    # Flags still win over the environment, and a file loses to it.
+    assert load_config(token_expire_seconds=3).token_expire_seconds == 3
+    toml = tmp_path / "c.toml"
+    toml.write_text("token_expire_seconds = 99\n")
+    assert load_config(toml).token_expire_seconds == 7.5
+    monkeypatch.delenv("BACKCHANNEL_TOKEN_EXPIRE_SECONDS")
+    monkeypatch.delenv("TOKEN_EXPIRE_SECONDS")
+    assert load_config(toml).token_expire_seconds == 99
+    monkeypatch.setenv("TOKEN_EXPIRE_SECONDS", "0")
+    with pytest.raises(ValidationError, match="greater than 0"):
+        load_config()

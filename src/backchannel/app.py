@@ -52,6 +52,7 @@ WEBHOOKS = web.AppKey("backchannel.webhooks", Webhooks)
 COMETA = web.AppKey("backchannel.cometa", CometaTransport)
 #: Set at startup when the server generated the admin token (tests read it from here).
 TUNNELS = web.AppKey("backchannel.tunnels", TunnelRegistry)
+SOCKET2ME = web.AppKey("backchannel.socket2me", Socket2meTransport)
 TOKENS = web.AppKey("backchannel.tokens", TunnelTokens)
 GENERATED_ADMIN_TOKEN = web.AppKey("backchannel.generated_admin_token", str)
 NEW_TOKEN_RATE = 1.0  # GET /new per second per client IP
@@ -126,7 +127,7 @@ def build_app(
     AdminApi(relay, apps).add_routes(app)
     tunnels = app[TUNNELS] = TunnelRegistry()
     tokens = app[TOKENS] = TunnelTokens(store, clock, config.token_expire_seconds, tunnels)
-    Socket2meTransport(
+    socket2me = app[SOCKET2ME] = Socket2meTransport(
         tokens,
         tunnels,
         Socket2meSettings(
@@ -136,7 +137,8 @@ def build_app(
             ping_timeout=config.heartbeat_timeout - config.heartbeat_interval,
         ),
         clock,
-    ).add_routes(app)
+    )
+    socket2me.add_routes(app)
     # Creating a token writes the store, hence a stricter bucket of its own.
     token_limiter = RateLimiter(NEW_TOKEN_RATE, NEW_TOKEN_BURST, clock)
     Socket2meTokens(tokens, apps, token_limiter, config.socket2me).add_routes(app)
@@ -167,7 +169,7 @@ def build_app(
     async def on_shutdown(app: web.Application) -> None:
         await relay.shutdown()
         await sockets.close_all()
-        tunnels.close_all("the server is shutting down")
+        await socket2me.close_all("the server is shutting down")
 
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(webhooks.lifecycle)
@@ -233,6 +235,9 @@ async def graceful_stop(runner: web.AppRunner) -> None:
     every byte arriving on open connections, so replies to calls in flight would be lost.
     """
     await runner.app[RELAY].shutdown()
+    # Tunnel clients too: after this point aiohttp would never read their goodbye, and
+    # would wait out its shutdown timeout (twice) for each open Socket.IO connection.
+    await runner.app[SOCKET2ME].close_all("the server is shutting down")
     await runner.cleanup()
 
 

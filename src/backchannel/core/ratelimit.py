@@ -55,6 +55,12 @@ class RateLimiter:
         ]
         for k in full:
             del self._buckets[k]
+        # A flood from more busy addresses than max_keys: forget the oldest tenth too, so
+        # that the scan above runs once per max_keys/10 new keys, not on every request.
+        if len(self._buckets) > self._max_keys:
+            excess = len(self._buckets) - self._max_keys * 9 // 10
+            for k in list(self._buckets)[:excess]:
+                del self._buckets[k]
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -22,7 +22,7 @@ from backchannel.state.store import AlreadyExists, Store, TunnelToken
 log = logging.getLogger(__name__)
 
 # Anything else cannot be a token, so it is refused without touching the store.
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 def token_hash(token: str) -> str:
@@ -66,7 +66,7 @@ class TunnelTokens:
 
     async def lookup(self, token: str) -> TunnelToken | None:
         """The token's record while it is valid, else None (an expired one is forgotten)."""
-        if not _TOKEN.match(token):
+        if not _TOKEN.fullmatch(token):
             return None
         key = token_hash(token)
         record = self._live.get(key)
@@ -95,7 +95,7 @@ class TunnelTokens:
 
     async def revoke(self, token: str) -> bool:
         """Forget a token now and disconnect its client."""
-        if not _TOKEN.match(token):
+        if not _TOKEN.fullmatch(token):
             return False
         key = token_hash(token)
         self._live.pop(key, None)

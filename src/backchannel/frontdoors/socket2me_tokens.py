@@ -36,11 +36,12 @@ class Socket2meTokens:
         """Register ``/new`` and ``/refresh/{token}`` unless Socket2me is off."""
         if self._access == "off":
             return
-        app.router.add_get("/new", self._guarded(self.new))
-        app.router.add_get("/refresh/{token}", self._guarded(self.refresh))
+        app.router.add_get("/new", self._guarded(self.new, admin_only=True))
+        # Refreshing needs only the token: a client must keep its URL without the admin token.
+        app.router.add_get("/refresh/{token}", self._guarded(self.refresh, admin_only=False))
 
     def _guarded(
-        self, handler: Callable[[web.Request], Awaitable[web.Response]]
+        self, handler: Callable[[web.Request], Awaitable[web.Response]], *, admin_only: bool
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def guarded(request: web.Request) -> web.Response:
             wait = self._limiter.check(request.remote or "")
@@ -52,7 +53,7 @@ class Socket2meTokens:
                     headers={"Retry-After": str(RateLimiter.retry_after(wait))},
                     Error="too many requests",
                 )
-            if self._access == "admin" and not await self._is_admin(request):
+            if admin_only and self._access == "admin" and not await self._is_admin(request):
                 return json_error(
                     401,
                     "unauthorized",

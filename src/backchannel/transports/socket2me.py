@@ -11,6 +11,7 @@ headers)`` is parsed there too. This file only moves them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from backchannel.wire.socket2me import REQUEST_EVENT, MalformedRespond, build_re
 log = logging.getLogger(__name__)
 
 KIND = "socket2me"
+PATH = "/socket.io/"
+CLOSE_WAIT = 2.0  # seconds shutdown waits for clients to close their WebSockets
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,8 @@ class Socket2meTransport:
         self._settings = settings
         self._clock = clock
         self._clients: dict[tuple[str, str], Socket2meClient] = {}
+        self._requests = 0
+        self._idle = asyncio.Event()
         self.server = socketio.AsyncServer(
             async_mode="aiohttp",
             namespaces="*",
@@ -168,7 +173,34 @@ class Socket2meTransport:
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the Socket.IO endpoint (``/socket.io/``) on the application."""
-        self.server.attach(app, socketio_path="socket.io")
+        # As python-engineio's attach() does, but through _handle, which keeps count of
+        # the requests in progress so that shutdown can wait for the WebSockets to end.
+        for method in ("GET", "POST", "OPTIONS"):
+            app.router.add_route(method, PATH, self._handle)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._requests += 1
+        try:
+            response: web.StreamResponse = await self.server.handle_request(request)
+            return response
+        finally:
+            self._requests -= 1
+            if not self._requests:
+                self._idle.set()
+
+    async def close_all(self, reason: str) -> None:
+        """Disconnect every client now (shutdown)."""
+        for client in list(self._clients.values()):
+            client.close(reason)
+        if self.server.eio.sockets:  # engineio's disconnect-all fails on an empty set
+            await self.server.eio.disconnect()
+        # The WebSocket requests end when the clients answer the close; aiohttp's own
+        # shutdown would stop reading those answers and wait out its timeout instead.
+        if self._requests:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self._idle.wait()
 
     async def _connect(
         self, namespace: str, sid: str, environ: dict[str, Any], auth: Any = None
