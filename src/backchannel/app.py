@@ -24,6 +24,7 @@ from backchannel.core.clock import Clock, SystemClock
 from backchannel.core.ratelimit import RateLimiter
 from backchannel.core.relay import Relay, RelayLimits
 from backchannel.core.tokens import TunnelTokens
+from backchannel.core.tunnel_names import TunnelNames
 from backchannel.core.tunnels import TunnelRegistry
 from backchannel.frontdoors.admin import AdminApi
 from backchannel.frontdoors.app_api import AppApi
@@ -39,6 +40,7 @@ from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import SqliteStore
 from backchannel.state.store import Store
 from backchannel.transports.cometa_raw import CometaSettings, CometaTransport
+from backchannel.transports.native_tunnel import NativeTunnels
 from backchannel.transports.native_ws import NativeSettings, NativeTransport
 from backchannel.transports.sniff import SniffingSite
 from backchannel.transports.socket2me import Socket2meSettings, Socket2meTransport
@@ -96,6 +98,8 @@ def build_app(
     app[RELAY] = relay
     app[APPS] = apps
 
+    tunnels = app[TUNNELS] = TunnelRegistry()
+    names = TunnelNames(store, clock)
     NativeTransport(
         relay,
         apps,
@@ -105,6 +109,13 @@ def build_app(
             timeout=config.heartbeat_timeout,
             max_inflight=config.max_inflight_per_device,
             server_name=f"backchannel/{__version__}",
+        ),
+        NativeTunnels(
+            names,
+            tunnels,
+            clock,
+            domain=config.domain,
+            max_inflight=config.max_inflight_per_device,
         ),
     ).add_routes(app)
     app[COMETA] = CometaTransport(
@@ -125,7 +136,6 @@ def build_app(
     webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
     relay.on_event(webhooks.on_event)
     AdminApi(relay, apps).add_routes(app)
-    tunnels = app[TUNNELS] = TunnelRegistry()
     tokens = app[TOKENS] = TunnelTokens(store, clock, config.token_expire_seconds, tunnels)
     socket2me = app[SOCKET2ME] = Socket2meTransport(
         tokens,
@@ -144,10 +154,13 @@ def build_app(
     Socket2meTokens(tokens, apps, token_limiter, config.socket2me).add_routes(app)
     TunnelIngress(
         tokens,
+        names,
         tunnels,
         RateLimiter(config.tunnel_rate_limit, config.tunnel_rate_burst, clock),
         timeout=config.tunnel_timeout,
         max_body=config.tunnel_max_body_size,
+        native_max_body=config.expose_max_body_size,
+        domain=config.domain,
     ).add_routes(app)
     Health(relay).add_routes(app)
 
@@ -159,6 +172,7 @@ def build_app(
         generated = await apps.init_admin_token(admin_token)
         if generated is not None:
             app[GENERATED_ADMIN_TOKEN] = generated
+        await names.init_secret()
         relay.start()
         tokens.start()
         yield

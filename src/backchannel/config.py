@@ -58,6 +58,12 @@ class Config(BaseSettings):
     tunnel_max_body_size: int = Field(
         16 * MiB, ge=1024, description="Largest request or response body through a tunnel"
     )
+    expose_max_body_size: int = Field(
+        0, ge=0, description="Largest body through a native tunnel, streamed (0: no limit)"
+    )
+    domain: str | None = Field(
+        None, description="Base domain for {name}.{domain} tunnel URLs (wildcard DNS)"
+    )
     tunnel_rate_limit: float = Field(
         400.0, ge=0, description="Public requests per second per client IP (0: no limit)"
     )

@@ -14,7 +14,14 @@ import pytest_asyncio
 
 from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import MIGRATIONS, SqliteStore
-from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, Store, TunnelToken
+from backchannel.state.store import (
+    AlreadyExists,
+    AppRecord,
+    DeviceCredential,
+    Store,
+    TunnelName,
+    TunnelToken,
+)
 
 StoreFactory = Callable[[Path], Store]
 
@@ -269,6 +276,32 @@ class TestTunnelTokens:
         assert await store.delete_expired_tunnel_tokens(100.0) == 0
 
 
+class TestTunnelNames:
+    """Native tunnel names: first claim wins, looked up by name or token hash."""
+
+    async def test_claim_get_and_release(self, store: Store) -> None:
+        mine = TunnelName("web", "a1", "d1", "th1", 5.0)
+        assert await store.claim_tunnel_name(mine) == mine
+        assert await store.claim_tunnel_name(mine) == mine  # a reclaim by the owner
+        theirs = TunnelName("web", "a2", "d2", "th2", 6.0)
+        assert await store.claim_tunnel_name(theirs) == mine  # taken: the holder comes back
+        assert await store.get_tunnel_name("web") == mine
+        assert await store.get_tunnel_name_by_token("th1") == mine
+        assert await store.get_tunnel_name_by_token("th2") is None
+        assert await store.get_tunnel_name("nope") is None
+        assert await store.delete_tunnel_name("web")
+        assert not await store.delete_tunnel_name("web")
+        assert await store.claim_tunnel_name(theirs) == theirs
+
+    async def test_delete_app_releases_its_names(self, store: Store) -> None:
+        await store.create_app(app("a1"))
+        await store.claim_tunnel_name(TunnelName("web", "a1", "d1", "th1", 5.0))
+        await store.claim_tunnel_name(TunnelName("api", "a2", "d1", "th2", 5.0))
+        await store.delete_app("a1")
+        assert await store.get_tunnel_name("web") is None
+        assert await store.get_tunnel_name("api") is not None
+
+
 async def test_sqlite_tokens_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     first = SqliteStore(path)
@@ -304,7 +337,7 @@ async def test_sqlite_file_uses_wal_and_schema_version(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"apps", "device_credentials", "settings", "tunnel_tokens"} <= tables
+    assert {"apps", "device_credentials", "settings", "tunnel_tokens", "tunnel_names"} <= tables
 
 
 async def test_sqlite_work_runs_on_worker_thread(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ from backchannel.config import load_config
 )
 @click.option("--tunnel-timeout", type=float, help="Wait for a tunnel client's answer [30].")
 @click.option("--tunnel-max-body-size", type=int, help="Largest tunnel body in bytes [16 MiB].")
+@click.option("--expose-max-body-size", type=int, help="Native tunnel body limit, 0 = none [0].")
+@click.option("--domain", help="Base domain: tunnels answer at NAME.DOMAIN (wildcard DNS).")
 @click.option("--tunnel-rate-limit", type=float, help="Requests/s per client IP, 0 = off [400].")
 @click.option("--tunnel-rate-burst", type=int, help="Burst per client IP [800].")
 @click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")

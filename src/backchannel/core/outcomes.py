@@ -114,3 +114,19 @@ class TunnelResponseTooLarge(ForwardFailed):
     """The client's answer is larger than the configured limit."""
 
     code = "response_too_large"
+
+
+class RequestTooLarge(ForwardFailed):
+    """The public request's body is larger than the tunnel's limit."""
+
+    code = "request_too_large"
+
+
+class LocalServiceFailed(ForwardFailed):
+    """The agent could not reach the local service, or it failed while answering."""
+
+    code = "local_service_failed"
+
+
+class TunnelRefused(Exception):
+    """A tunnel cannot be opened: the name is taken or the options are invalid."""

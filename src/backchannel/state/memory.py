@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from backchannel.state.store import AlreadyExists, AppRecord, DeviceCredential, TunnelToken
+from backchannel.state.store import (
+    AlreadyExists,
+    AppRecord,
+    DeviceCredential,
+    TunnelName,
+    TunnelToken,
+)
 
 
 class MemoryStore:
@@ -13,6 +19,7 @@ class MemoryStore:
         self._creds: dict[tuple[str, str], DeviceCredential] = {}
         self._settings: dict[str, str] = {}
         self._tokens: dict[str, TunnelToken] = {}
+        self._names: dict[str, TunnelName] = {}
 
     async def open(self) -> None:
         """Do nothing: there is nothing to connect to."""
@@ -46,6 +53,8 @@ class MemoryStore:
         # Credentials go even when the app is missing, so orphans never outlive a delete.
         for key in [k for k in self._creds if k[0] == app_id]:
             del self._creds[key]
+        for name in [n for n, r in self._names.items() if r.app_id == app_id]:
+            del self._names[name]
         return self._apps.pop(app_id, None) is not None
 
     async def put_device_credential(self, cred: DeviceCredential) -> None:
@@ -101,3 +110,22 @@ class MemoryStore:
         for h in gone:
             del self._tokens[h]
         return len(gone)
+
+    async def claim_tunnel_name(self, record: TunnelName) -> TunnelName:
+        """Reserve ``record.name`` unless taken; return whichever record holds it now."""
+        return self._names.setdefault(record.name, record)
+
+    async def get_tunnel_name(self, name: str) -> TunnelName | None:
+        """Return one reserved name or None."""
+        return self._names.get(name)
+
+    async def get_tunnel_name_by_token(self, token_hash: str) -> TunnelName | None:
+        """Return the reserved name whose token has this hash, or None."""
+        for record in self._names.values():
+            if record.token_hash == token_hash:
+                return record
+        return None
+
+    async def delete_tunnel_name(self, name: str) -> bool:
+        """Release a name; False when it was not reserved."""
+        return self._names.pop(name, None) is not None

@@ -17,6 +17,7 @@ from backchannel.state.store import (
     AppRecord,
     DeviceCredential,
     StoreError,
+    TunnelName,
     TunnelToken,
 )
 
@@ -60,6 +61,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tunnel_tokens_by_expiry ON tunnel_tokens (expires_at);
     """,
+    """
+    CREATE TABLE tunnel_names (
+        name TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX tunnel_names_by_app ON tunnel_names (app_id);
+    """,
 )
 
 _APP_COLUMNS = (
@@ -67,6 +78,13 @@ _APP_COLUMNS = (
     "allow_open_attach, allowed_devices"
 )
 _CRED_COLUMNS = "app_id, device_id, key_hash, created_at, tags"
+_NAME_COLUMNS = "name, app_id, device_id, token_hash, created_at"
+
+
+def _name_from_row(row: tuple[Any, ...] | None) -> TunnelName | None:
+    if row is None:
+        return None
+    return TunnelName(str(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]))
 
 
 def _dump_tuple(values: tuple[str, ...]) -> str:
@@ -263,6 +281,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
                 conn.execute("DELETE FROM device_credentials WHERE app_id = ?", (app_id,))
+                conn.execute("DELETE FROM tunnel_names WHERE app_id = ?", (app_id,))
                 return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
 
         return await self._run(run)
@@ -398,5 +417,60 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> int:
             cur = conn.execute("DELETE FROM tunnel_tokens WHERE expires_at <= ?", (now,))
             return cur.rowcount
+
+        return await self._run(run)
+
+    async def claim_tunnel_name(self, record: TunnelName) -> TunnelName:
+        """Reserve ``record.name`` unless taken; return whichever record holds it now."""
+
+        def run(conn: sqlite3.Connection) -> TunnelName:
+            conn.execute(
+                f"INSERT INTO tunnel_names ({_NAME_COLUMNS}) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (
+                    record.name,
+                    record.app_id,
+                    record.device_id,
+                    record.token_hash,
+                    record.created_at,
+                ),
+            )
+            row = conn.execute(
+                f"SELECT {_NAME_COLUMNS} FROM tunnel_names WHERE name = ?", (record.name,)
+            ).fetchone()
+            held = _name_from_row(row)
+            assert held is not None
+            return held
+
+        return await self._run(run)
+
+    async def get_tunnel_name(self, name: str) -> TunnelName | None:
+        """Return one reserved name or None."""
+
+        def run(conn: sqlite3.Connection) -> TunnelName | None:
+            row = conn.execute(
+                f"SELECT {_NAME_COLUMNS} FROM tunnel_names WHERE name = ?", (name,)
+            ).fetchone()
+            return _name_from_row(row)
+
+        return await self._run(run)
+
+    async def get_tunnel_name_by_token(self, token_hash: str) -> TunnelName | None:
+        """Return the reserved name whose token has this hash, or None."""
+
+        def run(conn: sqlite3.Connection) -> TunnelName | None:
+            row = conn.execute(
+                f"SELECT {_NAME_COLUMNS} FROM tunnel_names WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            return _name_from_row(row)
+
+        return await self._run(run)
+
+    async def delete_tunnel_name(self, name: str) -> bool:
+        """Release a name; False when it was not reserved."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM tunnel_names WHERE name = ?", (name,))
+            return cur.rowcount > 0
 
         return await self._run(run)

@@ -53,6 +53,17 @@ class TunnelToken:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelName:
+    """A native tunnel's reserved name, its owner (a device credential) and its token hash."""
+
+    name: str
+    app_id: str
+    device_id: str
+    token_hash: str
+    created_at: float
+
+
 class Store(Protocol):
     """Durable state. Every method is a coroutine and safe to call from the event loop.
 
@@ -64,6 +75,9 @@ class Store(Protocol):
       - Lists are ordered by creation time, then by id.
       - ``create_tunnel_token`` raises :class:`AlreadyExists` for a taken hash;
         ``extend_tunnel_token`` changes only an existing token.
+      - ``claim_tunnel_name`` inserts the name unless it exists, and returns the record that
+        holds the name afterwards (the caller compares owners).
+      - ``delete_app`` also deletes the app's tunnel names.
       - Data written before ``close()`` is readable after a new ``open()`` on the same
         location (except for the memory store, which keeps nothing).
     """
@@ -125,4 +139,20 @@ class Store(Protocol):
 
     async def delete_expired_tunnel_tokens(self, now: float) -> int:
         """Delete every token with ``expires_at <= now``; return how many went."""
+        ...
+
+    async def claim_tunnel_name(self, record: TunnelName) -> TunnelName:
+        """Reserve ``record.name`` unless taken; return whichever record holds it now."""
+        ...
+
+    async def get_tunnel_name(self, name: str) -> TunnelName | None:
+        """Return one reserved name or None."""
+        ...
+
+    async def get_tunnel_name_by_token(self, token_hash: str) -> TunnelName | None:
+        """Return the reserved name whose token has this hash, or None."""
+        ...
+
+    async def delete_tunnel_name(self, name: str) -> bool:
+        """Release a name; False when it was not reserved."""
         ...

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -27,17 +28,31 @@ from backchannel.core.outcomes import (
     NoReply,
     ShuttingDown,
     TimedOutBeforeDelivery,
+    TunnelRefused,
 )
 from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason, SessionStats, record_latency
+from backchannel.core.tunnel_access import TunnelAccess
+from backchannel.state.store import TunnelName
+from backchannel.transports.native_streams import ServerStream
+from backchannel.transports.native_tunnel import NativeTunnelClient, NativeTunnels
 from backchannel.transports.ws_outbox import WsOutbox
 from backchannel.wire.errors import ProtocolError
 from backchannel.wire.native import SUBPROTOCOL, Frame, NativeConnection, Role
-from backchannel.wire.native.frames import Event, Pong, Reply, StreamOpen
+from backchannel.wire.native.frames import (
+    Event,
+    Pong,
+    Reply,
+    StreamCredit,
+    StreamData,
+    StreamOpen,
+    StreamReset,
+)
 
 log = logging.getLogger(__name__)
 
 PATH = "/v1/connect"
+TUNNEL_HEADER = "X-Backchannel-Tunnel"  # the device asks for an HTTP tunnel (protocol.md)
 
 #: WebSocket close codes of the native protocol (docs/protocol.md, "Close codes").
 CLOSE_CODES: dict[CloseReason, int] = {
@@ -89,6 +104,7 @@ class NativeSession:
         "_outbox",
         "_pending",
         "_relay",
+        "_streams",
         "_ws",
         "app_id",
         "device_id",
@@ -117,6 +133,7 @@ class NativeSession:
         self._closed = False
         self._close_reason = CloseReason.PEER_CLOSED
         self._max_inflight = max_inflight
+        self._streams: dict[int, ServerStream] = {}
         self.app_id = app_id
         self.device_id = device_id
         self.session_id = secrets.token_hex(8)
@@ -164,6 +181,48 @@ class NativeSession:
         """Calls waiting for a reply."""
         return len(self._pending)
 
+    # -- streams (HTTP tunnels) ------------------------------------------------------------
+
+    @property
+    def conn(self) -> NativeConnection:
+        """The protocol state machine (for streams)."""
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        """True once the session ended."""
+        return self._closed
+
+    def open_stream(self, meta: dict[str, Any], *, fin: bool) -> ServerStream:
+        """Open a server-side stream to the device."""
+        sid, frame = self._conn.open_stream(meta, fin=fin)
+        stream = ServerStream(self, sid, local_fin=fin)
+        self._streams[sid] = stream
+        self._send(frame)
+        return stream
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame for the device (streams)."""
+        self._send(frame)
+
+    async def drain(self) -> None:
+        """Wait while the device's connection is congested."""
+        if self._outbox.congested():
+            await self._outbox.drain()
+
+    def forget_stream(self, stream_id: int) -> None:
+        """A stream is over."""
+        self._streams.pop(stream_id, None)
+
+    def close_soon(self, detail: str) -> None:
+        """Close the session from synchronous code (a tunnel takeover)."""
+        self._relay.spawn(self.close(CloseReason.TAKEOVER, detail))
+
+    def _fail_streams(self, reason: str) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.on_reset(-1, reason)
+
     def tick(self, now: float) -> None:
         """Send a PING when due; close the session when the device went silent."""
         if self._closed:
@@ -190,6 +249,7 @@ class NativeSession:
         self._closed = True
         self._close_reason = reason
         self._fail_pending(reason)
+        self._fail_streams(f"the device's connection closed ({reason.value})")
         self._outbox.close()
         message = (detail or reason.value).encode()[:120]
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -235,6 +295,7 @@ class NativeSession:
                 self._closed = True
                 self._outbox.closed = True
                 self._fail_pending(self._close_reason)
+                self._fail_streams("the device's connection closed")
                 return self._close_reason
 
     def _control_frame(self, frame: Frame) -> None:
@@ -245,9 +306,21 @@ class NativeSession:
         elif isinstance(frame, Pong):
             if self._conn.rtt is not None:
                 record_latency(self.stats, self._conn.rtt * 1000.0)
+        elif isinstance(frame, StreamData):
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                stream.on_data(frame.data, frame.fin)
+        elif isinstance(frame, StreamCredit):
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                stream.on_credit()
+        elif isinstance(frame, StreamReset):
+            stream = self._streams.pop(frame.stream_id, None)
+            if stream is not None:
+                stream.on_reset(frame.code, frame.reason)
         elif isinstance(frame, StreamOpen):
-            # Streams are specified for tunnels; until a stream handler exists, refuse politely.
-            reset = self._conn.reset_stream(frame.stream_id, 1, "streams are not enabled")
+            # Only the server opens streams (tunnel requests); refuse the device's.
+            reset = self._conn.reset_stream(frame.stream_id, 1, "device-opened streams are refused")
             self._send(reset)
         for out in self._conn.data_to_send():
             self._send(out)
@@ -257,6 +330,7 @@ class NativeSession:
         log.warning("protocol error from %s/%s: %s", self.app_id, self.device_id, detail)
         self._closed = True
         self._fail_pending(CloseReason.PROTOCOL_ERROR)
+        self._fail_streams("protocol error")
         self._outbox.close()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self._ws.close(code=code, message=detail.encode()[:120])
@@ -266,10 +340,17 @@ class NativeSession:
 class NativeTransport:
     """The ``/v1/connect`` endpoint."""
 
-    def __init__(self, relay: Relay, apps: AppService, settings: NativeSettings) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        apps: AppService,
+        settings: NativeSettings,
+        tunnels: NativeTunnels | None = None,
+    ) -> None:
         self._relay = relay
         self._apps = apps
         self._settings = settings
+        self._tunnels = tunnels
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the endpoint."""
@@ -316,6 +397,18 @@ class NativeTransport:
             log.info("device auth failed: %s/%s (%s)", app_id, device_id, verdict.value)
             await ws.close(code=4001, message=f"authentication failed: {verdict.value}".encode())
             return ws
+        tunnel_header = request.headers.get(TUNNEL_HEADER)
+        tunnel: tuple[TunnelName, TunnelAccess, dict[str, Any]] | None = None
+        if tunnel_header is not None:
+            if self._tunnels is None:
+                await ws.close(code=4006, message=b"tunnels are not enabled on this server")
+                return ws
+            try:
+                tunnel = await self._tunnels.prepare(app_id, device_id, tunnel_header)
+            except TunnelRefused as exc:
+                log.info("tunnel refused for %s/%s: %s", app_id, device_id, exc)
+                await ws.close(code=4006, message=f"tunnel refused: {exc}".encode()[:120])
+                return ws
         now = time.monotonic()
         conn = NativeConnection(
             Role.SERVER,
@@ -334,16 +427,21 @@ class NativeTransport:
         session = NativeSession(
             ws, conn, self._relay, app_id, device_id, stats, s.max_inflight, outbox
         )
-        outbox.write(conn.hello(session.session_id, s.server_name))
+        outbox.write(conn.hello(session.session_id, s.server_name, tunnel and tunnel[2]))
         try:
             await self._relay.register(session)
         except ShuttingDown:
             await session.close(CloseReason.SHUTDOWN, "server shutting down")
             return ws
+        client: NativeTunnelClient | None = None
+        if tunnel is not None and self._tunnels is not None:
+            client = self._tunnels.attach(session, tunnel[0], tunnel[1])
         reason = CloseReason.PEER_CLOSED
         try:
             reason = await session.run()
         finally:
+            if client is not None and self._tunnels is not None:
+                self._tunnels.detach(client)
             await self._relay.unregister(session, reason)
         return ws
 

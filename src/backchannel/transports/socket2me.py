@@ -23,13 +23,22 @@ from backchannel.core import metrics
 from backchannel.core.clock import Clock
 from backchannel.core.outcomes import (
     BadTunnelResponse,
+    RequestTooLarge,
     TunnelBusy,
     TunnelDisconnected,
     TunnelResponseTooLarge,
     TunnelTimedOut,
 )
 from backchannel.core.tokens import TunnelTokens
-from backchannel.core.tunnels import PublicRequest, PublicResponse, TunnelRegistry
+from backchannel.core.tunnel_access import TunnelAccess
+from backchannel.core.tunnels import (
+    BodySource,
+    PublicRequest,
+    PublicResponse,
+    ResponseSink,
+    TunnelRegistry,
+    TunnelRequest,
+)
 from backchannel.wire.socket2me import REQUEST_EVENT, MalformedRespond, build_request, parse_respond
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ class Socket2meClient:
     """One connected Socket.IO client answering for one token."""
 
     kind = KIND
+    access: TunnelAccess | None = None  # no rules: the token is the capability
 
     def __init__(
         self,
@@ -117,6 +127,38 @@ class Socket2meClient:
                 f"more than the limit of {self._settings.max_body}"
             )
         return PublicResponse(answer.status, answer.headers, answer.body)
+
+    async def exchange(
+        self, request: TunnelRequest, body: BodySource, sink: ResponseSink, timeout: float
+    ) -> None:
+        """Buffer the body, emit the request, and write the whole answer to ``sink``."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await body.read():
+            size += len(chunk)
+            if size > self._settings.max_body:
+                raise RequestTooLarge(
+                    f"the request body is larger than the limit of {self._settings.max_body} bytes"
+                )
+            chunks.append(chunk)
+        answer = await self.forward(
+            PublicRequest(
+                request.method,
+                request.path,
+                request.query_string,
+                request.headers,
+                b"".join(chunks),
+                request.remote,
+            ),
+            timeout,
+        )
+        headers = answer.headers
+        if answer.status not in (204, 304):
+            headers = [*headers, ("Content-Length", str(len(answer.body)))]
+        await sink.start(answer.status, headers)
+        if answer.body:
+            await sink.write(answer.body)
+        await sink.finish()
 
     def lost(self, reason: str) -> None:
         """The connection is gone: fail every request in flight."""

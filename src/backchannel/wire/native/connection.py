@@ -255,10 +255,15 @@ class NativeConnection:
         """Send a one-way message to the device (server side)."""
         return Push(topic, data).serialize()
 
-    def hello(self, session_id: str, server: str) -> bytes:
+    def hello(self, session_id: str, server: str, tunnel: dict[str, Any] | None = None) -> bytes:
         """The server's first frame, announcing the session's timers and limits."""
         return Hello(
-            session_id, self.heartbeat_interval, self.timeout, self.max_frame, server
+            session_id,
+            self.heartbeat_interval,
+            self.timeout,
+            self.max_frame,
+            server,
+            tunnel=tunnel,
         ).serialize()
 
     # -- liveness -----------------------------------------------------------------------

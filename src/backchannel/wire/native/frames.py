@@ -93,6 +93,8 @@ class Hello:
     max_frame: int
     server: str = "backchannel"
     version: int = PROTOCOL_VERSION
+    # Set when the device asked for an HTTP tunnel: name, token, path, host.
+    tunnel: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, ident: int, flags: int, payload: bytes) -> Hello:
@@ -111,6 +113,7 @@ class Hello:
                 max_frame=int(data["max_frame"]),
                 server=str(data.get("server", "")),
                 version=int(data.get("version", PROTOCOL_VERSION)),
+                tunnel=data["tunnel"] if isinstance(data.get("tunnel"), dict) else None,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # OverflowError: int() of an infinite float, e.g. {"max_frame": inf}.
@@ -132,6 +135,7 @@ class Hello:
                 "timeout": self.timeout,
                 "max_frame": self.max_frame,
                 "server": self.server,
+                **({"tunnel": self.tunnel} if self.tunnel is not None else {}),
             }
         )
         return HEADER.pack(self.type, 0, 0) + body
