@@ -245,10 +245,15 @@ class TunnelIngress:
         return await self._serve(request, await self._resolve(token), target)
 
     async def _resolve(self, token: str) -> str | None:
+        key = hash_secret(token)
+        if self._registry.get(key) is not None:
+            # A connected client proves the token valid (expired ones are dropped on time):
+            # the hot path needs no store lookup.
+            return key
         record = await self._tokens.lookup(token)
         if record is not None:
             return record.token_hash
-        named = await self._names.by_token_hash(hash_secret(token))
+        named = await self._names.by_token_hash(key)
         return named.token_hash if named is not None else None
 
     async def _serve(

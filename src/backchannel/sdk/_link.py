@@ -14,15 +14,35 @@ import ssl as ssl_module
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType
 
+from backchannel.sdk._streams import (
+    RESET_CANCELLED,
+    RESET_FAILED,
+    RESET_REFUSED,
+    StreamChannel,
+    StreamMux,
+    StreamResetError,
+)
 from backchannel.sdk.errors import NotConnected
 from backchannel.wire.errors import ProtocolError
 from backchannel.wire.native import SUBPROTOCOL, NativeConnection, Role
-from backchannel.wire.native.frames import Call, Cancel, EventAck, Frame, Hello, Push, StreamOpen
+from backchannel.wire.native.frames import (
+    Call,
+    Cancel,
+    EventAck,
+    Frame,
+    Hello,
+    Push,
+    StreamCredit,
+    StreamData,
+    StreamOpen,
+    StreamReset,
+)
+from backchannel.wire.native.tunnel import KIND_HTTP
 
 log = logging.getLogger("backchannel.sdk.device")
 
@@ -30,6 +50,7 @@ Handler = Callable[[bytes], Any]  # returns bytes | str | None, or an awaitable 
 PushHook = Callable[[str, bytes], Any]
 WebSocket = aiohttp.ClientWebSocketResponse[bool]
 
+STREAM_CLEANUP_TIMEOUT = 2.0  # stream handlers' own cleanup when the connection ends
 HANDSHAKE_TIMEOUT = 15.0  # upgrade plus HELLO; the server sends HELLO right after auth
 CLOSE_TIMEOUT = 2.0  # waiting for the peer's close frame; a dead peer never sends one
 _SEND_ERRORS = (ConnectionError, aiohttp.ClientError)
@@ -49,12 +70,23 @@ class Route:
         return cls(fn, inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call))
 
 
+class TunnelService(Protocol):
+    """Answers the server-opened streams of tunnel requests (``t == "http"``)."""
+
+    async def handle(self, stream: StreamChannel) -> None:
+        """Answer one request stream; the task is cancelled if the server resets it."""
+
+    async def close(self) -> None:
+        """Release what the service holds (local connections) when serving ends."""
+
+
 @dataclass(slots=True)
 class Routes:
-    """The device's handlers by method, and the catch-all; shared by every link."""
+    """The device's handlers by method, the catch-all, and the tunnel; shared by every link."""
 
     by_method: dict[str, Route] = field(default_factory=dict)
     fallback: Route | None = None
+    tunnel: TunnelService | None = None
 
 
 def as_bytes(result: object) -> bytes:
@@ -147,6 +179,8 @@ class Link:
         self._on_push = on_push
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self.streams = StreamMux(conn, self._send_stream_frame)
+        self._stream_tasks: dict[int, asyncio.Task[None]] = {}
         # Set when we close: the code to send, whoever ends up sending the close frame.
         self._close_code: int | None = None
         self._close_message = b""
@@ -168,11 +202,19 @@ class Link:
             for task in self._calls.values():
                 task.cancel()  # their replies would mean nothing on another connection
             self._calls.clear()
+            self.streams.connection_lost(f"connection closed: {reason or 'lost'}")
+            stream_tasks = list(self._stream_tasks.values())
+            self._stream_tasks.clear()
+            for task in stream_tasks:
+                task.cancel()
             for future in self._acks.values():
                 if not future.done():
                     future.set_exception(NotConnected("connection lost before the event's ack"))
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code or 1000, message=self._close_message)
+            if stream_tasks:
+                # Let them close their local connections; a stuck one is left behind.
+                await asyncio.wait(stream_tasks, timeout=STREAM_CLEANUP_TIMEOUT)
         return reason
 
     @property
@@ -254,12 +296,51 @@ class Link:
                 future.set_result(None)
         elif isinstance(frame, Push):
             await call_hook(self._on_push, frame.topic, frame.data)
+        elif isinstance(frame, StreamData | StreamCredit | StreamReset):
+            self.streams.dispatch(frame)
+            if isinstance(frame, StreamReset):
+                # The caller went away: abort the local request.
+                task = self._stream_tasks.pop(frame.stream_id, None)
+                if task is not None:
+                    task.cancel()
         elif isinstance(frame, StreamOpen):
-            # This SDK accepts no streams: refuse with code 1, as the protocol specifies.
-            reset = self.conn.reset_stream(frame.stream_id, 1, "streams are not supported")
-            await self.ws.send_bytes(reset)
+            await self._open_stream(frame)
         for out in self.conn.data_to_send():  # PONGs, stream credit
             await self.ws.send_bytes(out)
+
+    async def _open_stream(self, frame: StreamOpen) -> None:
+        """Hand a tunnel request to the tunnel; refuse any other stream with code 1."""
+        service = self._routes.tunnel
+        if service is None or frame.meta.get("t") != KIND_HTTP:
+            why = "no tunnel on this device" if service is None else "unknown stream kind"
+            # The STREAM_CREDIT the connection queued follows; the server ignores it.
+            await self.ws.send_bytes(self.streams.refuse(frame, RESET_REFUSED, why))
+            return
+        channel = self.streams.accept(frame)
+        task = asyncio.get_running_loop().create_task(self._serve_stream(service, channel))
+        self._stream_tasks[frame.stream_id] = task
+
+    async def _serve_stream(self, service: TunnelService, channel: StreamChannel) -> None:
+        """Run the tunnel's handler on one stream; whatever happens, the stream ends."""
+        sid = channel.stream_id
+        try:
+            await service.handle(channel)
+        except StreamResetError:
+            pass  # reset by the server, or the connection dropped: nothing left to end
+        except Exception as exc:
+            log.exception("tunnel handler failed on stream %d", sid)
+            await channel.reset(RESET_FAILED, f"device error: {type(exc).__name__}: {exc}")
+        else:
+            if not channel.local_fin and channel.error is None:
+                await channel.reset(RESET_CANCELLED, "the handler ended without answering")
+        finally:
+            if self._stream_tasks.get(sid) is asyncio.current_task():
+                del self._stream_tasks[sid]
+
+    async def _send_stream_frame(self, frame: bytes) -> None:
+        if self.ws.closed:
+            raise ConnectionResetError("the connection is closed")
+        await self.ws.send_bytes(frame)
 
     async def _heartbeat(self) -> None:
         """Send PINGs on HELLO's schedule; close the connection when the server went silent."""

@@ -167,6 +167,14 @@ class Revoked(DeviceConnectionError):
     close_code = 4005
 
 
+class TunnelRefused(DeviceConnectionError):
+    """The server refused the tunnel: its name is reserved by another credential, or an
+    option is invalid (close 4006); ``detail`` says which."""
+
+    error = "tunnel_refused"
+    close_code = 4006
+
+
 class NotConnected(DeviceConnectionError):
     """The device has no live connection, or lost it before the operation finished."""
 
