@@ -135,7 +135,7 @@ def build_app(
     sockets.attach()
     webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
     relay.on_event(webhooks.on_event)
-    AdminApi(relay, apps).add_routes(app)
+    AdminApi(relay, apps, tunnels, names).add_routes(app)
     tokens = app[TOKENS] = TunnelTokens(store, clock, config.token_expire_seconds, tunnels)
     socket2me = app[SOCKET2ME] = Socket2meTransport(
         tokens,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from backchannel.core.tunnel_access import TunnelAccess
@@ -132,6 +132,9 @@ class TunnelClient(Protocol):
     def close(self, reason: str) -> None:
         """Disconnect the client; requests in flight fail with ``TunnelDisconnected``."""
 
+    def describe(self) -> dict[str, Any]:
+        """Facts for the admin API (never the token)."""
+
 
 class TunnelRegistry:
     """The one live client per token hash on this node; a new client takes over at once."""
@@ -175,6 +178,10 @@ class TunnelRegistry:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             client.close(reason)
+
+    def clients(self) -> list[TunnelClient]:
+        """Every live client on this node."""
+        return list(self._clients.values())
 
     def __len__(self) -> int:
         return len(self._clients)

@@ -14,6 +14,8 @@ from aiohttp import web
 from backchannel.core.apps import AppService, AppSettings, InvalidInput, NotFound
 from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason
+from backchannel.core.tunnel_names import TunnelNames
+from backchannel.core.tunnels import TunnelRegistry
 from backchannel.frontdoors.app_api import credential
 from backchannel.frontdoors.errors import ApiError, json_response, read_json
 from backchannel.state.store import AppRecord, DeviceCredential
@@ -83,9 +85,17 @@ def _settings(body: dict[str, Any]) -> AppSettings:
 class AdminApi:
     """Create, inspect, change and delete applications and device credentials."""
 
-    def __init__(self, relay: Relay, apps: AppService) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        apps: AppService,
+        tunnels: TunnelRegistry | None = None,
+        names: TunnelNames | None = None,
+    ) -> None:
         self._relay = relay
         self._apps = apps
+        self._tunnels = tunnels
+        self._names = names
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the routes."""
@@ -99,6 +109,8 @@ class AdminApi:
         r.add_get(PREFIX + "/apps/{app_id}/devices", self.list_devices)
         r.add_post(PREFIX + "/apps/{app_id}/devices/{device_id}", self.provision)
         r.add_delete(PREFIX + "/apps/{app_id}/devices/{device_id}", self.revoke)
+        r.add_get(PREFIX + "/tunnels", self.list_tunnels)
+        r.add_delete(PREFIX + "/tunnels/{name}", self.release_tunnel)
 
     def _require_admin(self, request: web.Request) -> None:
         if not self._apps.is_admin(credential(request)):
@@ -202,6 +214,24 @@ class AdminApi:
             raise ApiError(404, "unknown_device", f"device {device_id} is not provisioned")
         await self._relay.detach(app_id, device_id, CloseReason.REVOKED)
         return json_response({"revoked": device_id})
+
+    async def list_tunnels(self, request: web.Request) -> web.Response:
+        """The tunnels connected to this node (native and Socket2me)."""
+        self._require_admin(request)
+        clients = self._tunnels.clients() if self._tunnels is not None else []
+        return json_response({"tunnels": [c.describe() for c in clients]})
+
+    async def release_tunnel(self, request: web.Request) -> web.Response:
+        """Free a native tunnel name (and close its tunnel) so another device may take it."""
+        self._require_admin(request)
+        name = request.match_info["name"]
+        record = await self._names.by_name(name) if self._names is not None else None
+        if record is None or self._names is None:
+            raise ApiError(404, "unknown_tunnel", f"no tunnel is named {name!r}")
+        if self._tunnels is not None:
+            self._tunnels.drop(record.token_hash, "the tunnel's name was released")
+        await self._names.release(name)
+        return json_response({"released": name})
 
     async def _app(self, request: web.Request) -> AppRecord:
         try:

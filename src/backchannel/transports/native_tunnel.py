@@ -91,6 +91,24 @@ class NativeTunnelClient:
         """Close the device's connection (takeover of the name, shutdown)."""
         self._session.close_soon(reason)
 
+    def describe(self) -> dict[str, Any]:
+        """Facts for the admin API."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "app_id": self._session.app_id,
+            "device_id": self._session.device_id,
+            "remote": self.remote,
+            "connected_at": self.connected_at,
+            "in_flight": self._active,
+            "access": {
+                "credentials": self.access.needs_credentials,
+                "allow_ip": [str(n) for n in self.access.allow],
+                "deny_ip": [str(n) for n in self.access.deny],
+                "rate_limit": self.access.limiter.rate if self.access.limiter else None,
+            },
+        }
+
     async def exchange(
         self, request: TunnelRequest, body: BodySource, sink: ResponseSink, timeout: float
     ) -> None:

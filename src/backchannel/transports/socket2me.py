@@ -160,6 +160,15 @@ class Socket2meClient:
             await sink.write(answer.body)
         await sink.finish()
 
+    def describe(self) -> dict[str, Any]:
+        """Facts for the admin API."""
+        return {
+            "kind": self.kind,
+            "remote": self.remote,
+            "connected_at": self.connected_at,
+            "in_flight": len(self._pending),
+        }
+
     def lost(self, reason: str) -> None:
         """The connection is gone: fail every request in flight."""
         self._closed = True
