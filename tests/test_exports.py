@@ -21,4 +21,8 @@ def test_all_resolves(module: str) -> None:
 def test_top_level_api() -> None:
     import backchannel
 
-    assert {"Device", "Client", "AsyncClient", "__version__"} <= set(backchannel.__all__)
+    assert {"Device", "Client", "AsyncClient", "Tunnel", "__version__"} <= set(backchannel.__all__)
+    from backchannel.sdk import Tunnel, TunnelRefused
+
+    assert backchannel.Tunnel is Tunnel
+    assert TunnelRefused.close_code == 4006

@@ -6,15 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncClient", "Client", "Device", "__version__"]
+__all__ = ["AsyncClient", "Client", "Device", "Tunnel", "__version__"]
 
 if TYPE_CHECKING:
-    from backchannel.sdk import AsyncClient, Client, Device
+    from backchannel.sdk import AsyncClient, Client, Device, Tunnel
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import backchannel` (the CLI, the server) does not pay for the SDK's imports.
-    if name in ("AsyncClient", "Client", "Device"):
+    if name in ("AsyncClient", "Client", "Device", "Tunnel"):
         from backchannel import sdk
 
         return getattr(sdk, name)

@@ -11,6 +11,7 @@ kept), or a small HTML page for callers that accept HTML.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import struct
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from backchannel.frontdoors.errors import error_body, json_response
 from backchannel.wire.native.tunnel import WS_BINARY, WS_CLOSE, WS_TEXT
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+CALLER_CHECK_INTERVAL = 0.5  # seconds between checks that a waiting caller is still there
 _CLOSE_CODE = struct.Struct("!H")
 
 # Socket2me's error strings, kept in the "Error" field for its clients.
@@ -311,8 +313,19 @@ class TunnelIngress:
             websocket=upgrade and request.method == "GET",
         )
         sink = HttpSink(request)
+        exchange = asyncio.ensure_future(
+            client.exchange(tunnel_request, RequestBody(request, limit), sink, self._timeout)
+        )
+        watcher = asyncio.get_running_loop().create_task(_watch_caller(request, exchange))
         try:
-            await client.exchange(tunnel_request, RequestBody(request, limit), sink, self._timeout)
+            await exchange
+        except asyncio.CancelledError:
+            if not exchange.cancelled() or _current_task_cancelling():
+                raise
+            # The caller went away; the exchange was cancelled, which reset the stream so
+            # the agent aborts its local request. Nobody is left to read an answer.
+            metrics.TUNNEL_REQUESTS.labels("caller_gone").inc()
+            return sink.response or web.Response(status=499)
         except ForwardFailed as exc:
             if sink.response is None:
                 return _outcome_response(request, exc)
@@ -327,9 +340,31 @@ class TunnelIngress:
             _cut(request)
             metrics.TUNNEL_REQUESTS.labels("cut_off").inc()
             return sink.response
+        finally:
+            watcher.cancel()
         metrics.TUNNEL_REQUESTS.labels("ok").inc()
         assert sink.response is not None
         return sink.response
+
+
+async def _watch_caller(request: web.BaseRequest, exchange: asyncio.Future[None]) -> None:
+    """Cancel ``exchange`` when the caller's connection closes.
+
+    aiohttp does not cancel handlers when a caller disconnects (handler_cancellation is
+    off, deliberately: device calls must not be cut by an impatient app server). A tunnel
+    request waiting for its head would otherwise keep the local request running.
+    """
+    while not exchange.done():
+        await asyncio.sleep(CALLER_CHECK_INTERVAL)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            exchange.cancel()
+            return
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _cut(request: web.BaseRequest) -> None:

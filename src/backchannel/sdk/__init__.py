@@ -1,4 +1,5 @@
-"""Python SDKs: :class:`Device` (the device side) and :class:`Client` / :class:`AsyncClient`."""
+"""Python SDKs: :class:`Device` and :class:`Tunnel` (the device side), :class:`Client` /
+:class:`AsyncClient` (the application side)."""
 
 from backchannel.sdk.client import AsyncClient, Client
 from backchannel.sdk.device import Device
@@ -20,9 +21,11 @@ from backchannel.sdk.errors import (
     ServerUnavailable,
     SessionReplaced,
     TimedOutBeforeDelivery,
+    TunnelRefused,
     Unauthorized,
     error_from_response,
 )
+from backchannel.sdk.tunnel import Tunnel
 from backchannel.sdk.webhooks import signing_key, verify_webhook
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "ServerUnavailable",
     "SessionReplaced",
     "TimedOutBeforeDelivery",
+    "Tunnel",
+    "TunnelRefused",
     "Unauthorized",
     "error_from_response",
     "signing_key",

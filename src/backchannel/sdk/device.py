@@ -16,8 +16,8 @@ import random
 import signal
 import ssl as ssl_module
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import aiohttp
 import yarl
@@ -30,7 +30,11 @@ from backchannel.sdk.errors import (
     NotConnected,
     Revoked,
     SessionReplaced,
+    TunnelRefused,
 )
+
+if TYPE_CHECKING:
+    from backchannel.sdk.tunnel import RequestHook, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,10 @@ _FATAL: dict[int, type[DeviceConnectionError]] = {
     4001: AuthenticationFailed,
     4002: SessionReplaced,
     4005: Revoked,
+    4006: TunnelRefused,
 }
 _DETACHED = 4003
+TUNNEL_HEADER = "X-Backchannel-Tunnel"
 
 
 def _ws_url(server: str) -> str:
@@ -104,6 +110,9 @@ class Device:
         self._wake: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._tunnel: Tunnel | None = None
+        # HELLO's tunnel map (name, token, path, host), kept across reconnects.
+        self._tunnel_info: dict[str, Any] | None = None
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -134,6 +143,65 @@ class Device:
         if len(method.encode()) > 255:
             raise ValueError("method names are at most 255 bytes")
         self._routes.by_method[method] = route
+
+    # -- tunnel --------------------------------------------------------------------------
+
+    def expose(
+        self,
+        target: int | str,
+        *,
+        name: str | None = None,
+        basic_auth: str | None = None,
+        bearer: str | None = None,
+        allow_ip: Iterable[str] = (),
+        deny_ip: Iterable[str] = (),
+        rate_limit: float | None = None,
+        rewrite_host: bool = False,
+        on_request: RequestHook | None = None,
+        verify_local_tls: bool = True,
+    ) -> Tunnel:
+        """Give a local HTTP service a public URL through this device's connection.
+
+        Call it before :meth:`serve`; the options are those of
+        :class:`~backchannel.sdk.tunnel.Tunnel`. One tunnel per device.
+
+        Raises:
+            ValueError: the target or an option is invalid.
+            RuntimeError: the device already has a tunnel, or is serving.
+        """
+        from backchannel.sdk.tunnel import Tunnel, tunnel_options
+
+        options = tunnel_options(
+            name=name,
+            basic_auth=basic_auth,
+            bearer=bearer,
+            allow_ip=allow_ip,
+            deny_ip=deny_ip,
+            rate_limit=rate_limit,
+        )
+        return Tunnel._on_device(
+            self,
+            target,
+            options,
+            rewrite_host=rewrite_host,
+            on_request=on_request,
+            verify_local_tls=verify_local_tls,
+        )
+
+    def _attach_tunnel(self, tunnel: Tunnel, header: str) -> None:
+        """Ask for ``tunnel`` on every connection from now on (the Tunnel calls this)."""
+        if self._tunnel is not None:
+            raise RuntimeError("this device already has a tunnel")
+        if self._serving:
+            raise RuntimeError("expose() must be called before serve()")
+        self._tunnel = tunnel
+        self._headers[TUNNEL_HEADER] = header
+        self._routes.tunnel = tunnel.service
+
+    @property
+    def tunnel(self) -> Tunnel | None:
+        """The device's tunnel (see :meth:`expose`), or None."""
+        return self._tunnel
 
     # -- state ---------------------------------------------------------------------------
 
@@ -207,6 +275,8 @@ class Device:
             self._serving = False
             if self._failure is None:
                 self._failure = NotConnected("the device stopped serving")
+            if self._routes.tunnel is not None:
+                await self._routes.tunnel.close()
             self._done.set()
             self._notify()
 
@@ -218,6 +288,14 @@ class Device:
         if self._stopping:  # stop() came while we were dialling
             await link.close(1000, b"device stopping")
             return link.close_code, "stopped", False
+        if self._tunnel is not None:
+            info = link.hello.tunnel
+            if info is None or not isinstance(info.get("path"), str):
+                await link.close(1000, b"no tunnel granted")
+                raise TunnelRefused(
+                    "the server granted no tunnel: it may not support tunnels", 4006
+                )
+            self._tunnel_info = info
         self._link = link
         log.info(
             "connected as %s/%s (session %s)", self.app_id, self.device_id, link.hello.session_id

@@ -125,7 +125,9 @@ class NativeTunnelClient:
             request.websocket,
         )
         self._active += 1
-        stream = self._session.open_stream(request_meta(head), fin=not request.has_body)
+        # A WebSocket upgrade has no body but needs its direction open for the messages.
+        no_body = not request.has_body and not request.websocket
+        stream = self._session.open_stream(request_meta(head), fin=no_body)
         uploader: asyncio.Task[None] | None = None
         try:
             if request.has_body and not request.websocket:

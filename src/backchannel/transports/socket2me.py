@@ -204,7 +204,7 @@ class Socket2meTransport:
         self._settings = settings
         self._clock = clock
         self._clients: dict[tuple[str, str], Socket2meClient] = {}
-        self._requests = 0
+        self._requests: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
         self.server = socketio.AsyncServer(
             async_mode="aiohttp",
@@ -230,12 +230,14 @@ class Socket2meTransport:
             app.router.add_route(method, PATH, self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self._requests += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
         try:
             response: web.StreamResponse = await self.server.handle_request(request)
             return response
         finally:
-            self._requests -= 1
+            self._requests.discard(task)
             if not self._requests:
                 self._idle.set()
 
@@ -252,6 +254,10 @@ class Socket2meTransport:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_WAIT):
                     await self._idle.wait()
+        # What is left are long-polls of clients already gone (Engine.IO holds them for a
+        # ping period): end them rather than have aiohttp wait out its shutdown timeout.
+        for task in list(self._requests):
+            task.cancel()
 
     async def _connect(
         self, namespace: str, sid: str, environ: dict[str, Any], auth: Any = None
