@@ -27,6 +27,8 @@ class CloseReason(Enum):
     # A Cometa device still owed late replies after the grace: only a new connection can
     # guarantee that no late reply is taken for the answer to a later message.
     REPLY_ORDER_LOST = "reply_order_lost"
+    # An operator released the device's tunnel name: the device must not reclaim it.
+    TUNNEL_RELEASED = "tunnel_released"
 
 
 @dataclass(slots=True)

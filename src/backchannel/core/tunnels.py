@@ -129,8 +129,11 @@ class TunnelClient(Protocol):
         Raises a ``ForwardFailed`` subclass when no head could be sent.
         """
 
-    def close(self, reason: str) -> None:
-        """Disconnect the client; requests in flight fail with ``TunnelDisconnected``."""
+    def close(self, reason: str, *, takeover: bool = False) -> None:
+        """Disconnect the client; requests in flight fail with ``TunnelDisconnected``.
+
+        ``takeover`` says a newer connection replaced it (else: released or shut down).
+        """
 
     def describe(self) -> dict[str, Any]:
         """Facts for the admin API (never the token)."""
@@ -148,7 +151,7 @@ class TunnelRegistry:
         self._clients[token_hash] = client
         if old is not None and old is not client:
             log.info("tunnel client replaced by a new connection from %s", client.remote)
-            old.close("replaced by a new connection for the same token")
+            old.close("replaced by a new connection for the same token", takeover=True)
             return old
         return None
 

@@ -38,7 +38,6 @@ from backchannel.core.tunnels import TunnelRegistry, TunnelRequest
 from backchannel.frontdoors.errors import error_body, json_response
 from backchannel.wire.native.tunnel import WS_BINARY, WS_CLOSE, WS_TEXT
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 CALLER_CHECK_INTERVAL = 0.5  # seconds between checks that a waiting caller is still there
 _CLOSE_CODE = struct.Struct("!H")
 
@@ -214,9 +213,9 @@ class TunnelIngress:
 
     def add_routes(self, app: web.Application) -> None:
         """Register ``/go/{token}`` and ``/go/{token}/{path}``, and host routing."""
-        for method in METHODS:
-            app.router.add_route(method, "/go/{token}", self.handle)
-            app.router.add_route(method, "/go/{token}/{path:.*}", self.handle)
+        # Every method, WebDAV's and custom ones included, as the issue says.
+        app.router.add_route("*", "/go/{token}", self.handle)
+        app.router.add_route("*", "/go/{token}/{path:.*}", self.handle)
         if self._domain:
             app.middlewares.insert(0, self.host_routing)
 

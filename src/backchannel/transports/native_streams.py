@@ -143,6 +143,9 @@ class ServerStream:
             self._error = StreamReset(code, reason)
             if self._host.conn.stream_open(self.stream_id):
                 self._host.send_frame(self._host.conn.reset_stream(self.stream_id, code, reason))
+        # Wake whoever waits on this stream: they must see the reset, not hang.
+        self._readable.set()
+        self._credit.set()
         self._host.forget_stream(self.stream_id)
 
     def _maybe_done(self) -> None:

@@ -20,6 +20,7 @@ import orjson
 from backchannel.core import metrics
 from backchannel.core.clock import Clock
 from backchannel.core.outcomes import (
+    ForwardFailed,
     LocalServiceFailed,
     TunnelBusy,
     TunnelDisconnected,
@@ -87,9 +88,9 @@ class NativeTunnelClient:
         """Requests being answered."""
         return self._active
 
-    def close(self, reason: str) -> None:
-        """Close the device's connection (takeover of the name, shutdown)."""
-        self._session.close_soon(reason)
+    def close(self, reason: str, *, takeover: bool = False) -> None:
+        """Close the device's connection (takeover of the name, release, shutdown)."""
+        self._session.close_soon(reason, takeover=takeover)
 
     def describe(self) -> dict[str, Any]:
         """Facts for the admin API."""
@@ -105,7 +106,9 @@ class NativeTunnelClient:
                 "credentials": self.access.needs_credentials,
                 "allow_ip": [str(n) for n in self.access.allow],
                 "deny_ip": [str(n) for n in self.access.deny],
-                "rate_limit": self.access.limiter.rate if self.access.limiter else None,
+                "rate_limit": (
+                    self.access.limiter.rate if self.access.limiter is not None else None
+                ),
             },
         }
 
@@ -143,6 +146,10 @@ class NativeTunnelClient:
                 await sink.write(chunk)
             await sink.finish()
         except StreamReset as exc:
+            if uploader is not None and uploader.done() and not uploader.cancelled():
+                failure = uploader.exception()
+                if isinstance(failure, ForwardFailed) and not sink.started:
+                    raise failure from None  # e.g. the body was over the limit: 413
             if sink.started:
                 raise  # the ingress cuts the caller's response off
             if exc.code in (RESET_LOCAL_UNREACHABLE, RESET_LOCAL_FAILED):
@@ -183,13 +190,20 @@ class NativeTunnelClient:
 
 
 async def _upload(body: BodySource, stream: ServerStream) -> None:
-    """Send the request body; a failure resets the stream, which ends the exchange."""
+    """Send the request body; a failure resets the stream, which ends the exchange.
+
+    A ``ForwardFailed`` (the body is over the limit) is re-raised after the reset, so the
+    exchange can answer the caller with it.
+    """
     try:
         while chunk := await body.read():
             await stream.send(chunk)
         await stream.send(b"", fin=True)
     except StreamReset:
         pass  # the device reset the stream: the exchange sees it too
+    except ForwardFailed as exc:
+        stream.reset(0, str(exc))
+        raise
     except Exception as exc:
         log.info("tunnel request body failed: %s", exc)
         stream.reset(0, "the request body failed")

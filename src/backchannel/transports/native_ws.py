@@ -66,6 +66,7 @@ CLOSE_CODES: dict[CloseReason, int] = {
     CloseReason.HEARTBEAT_TIMEOUT: 4004,
     CloseReason.REVOKED: 4005,
     CloseReason.REPLY_ORDER_LOST: 4000,  # Cometa only; never used on native sessions
+    CloseReason.TUNNEL_RELEASED: 4006,
 }
 
 
@@ -214,9 +215,10 @@ class NativeSession:
         """A stream is over."""
         self._streams.pop(stream_id, None)
 
-    def close_soon(self, detail: str) -> None:
-        """Close the session from synchronous code (a tunnel takeover)."""
-        self._relay.spawn(self.close(CloseReason.TAKEOVER, detail))
+    def close_soon(self, detail: str, *, takeover: bool = False) -> None:
+        """Close the session from synchronous code (tunnel takeover: 4002; released: 4006)."""
+        reason = CloseReason.TAKEOVER if takeover else CloseReason.TUNNEL_RELEASED
+        self._relay.spawn(self.close(reason, detail))
 
     def _fail_streams(self, reason: str) -> None:
         streams, self._streams = self._streams, {}

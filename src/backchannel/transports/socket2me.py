@@ -177,7 +177,7 @@ class Socket2meClient:
             if not future.done():
                 future.set_exception(TunnelDisconnected(f"the tunnel client {reason}"))
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, takeover: bool = False) -> None:
         """Disconnect the client (takeover, expiry, shutdown)."""
         if self._closed:
             return
