@@ -429,15 +429,19 @@ class NativeTransport:
         session = NativeSession(
             ws, conn, self._relay, app_id, device_id, stats, s.max_inflight, outbox
         )
+        # The tunnel is routed to this session before HELLO announces it, so a request made
+        # as soon as the device knows its URL never reaches the connection it replaces.
+        client: NativeTunnelClient | None = None
+        if tunnel is not None and self._tunnels is not None:
+            client = self._tunnels.attach(session, tunnel[0], tunnel[1])
         outbox.write(conn.hello(session.session_id, s.server_name, tunnel and tunnel[2]))
         try:
             await self._relay.register(session)
         except ShuttingDown:
+            if client is not None and self._tunnels is not None:
+                self._tunnels.detach(client)
             await session.close(CloseReason.SHUTDOWN, "server shutting down")
             return ws
-        client: NativeTunnelClient | None = None
-        if tunnel is not None and self._tunnels is not None:
-            client = self._tunnels.attach(session, tunnel[0], tunnel[1])
         reason = CloseReason.PEER_CLOSED
         try:
             reason = await session.run()
