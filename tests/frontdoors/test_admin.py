@@ -182,6 +182,17 @@ class TestDevices:
             await connect(admin.http, admin.server.ws_url, app["app_id"], "d", first["key"])
         await connect(admin.http, admin.server.ws_url, app["app_id"], "d", second["key"])
 
+    async def test_reprovision_closes_the_session_of_the_old_key(self, admin: Admin) -> None:
+        _, app = await admin.call("POST", "/apps", {"name": "a"})
+        _, first = await admin.call("POST", f"/apps/{app['app_id']}/devices/d")
+        old = (
+            await connect(admin.http, admin.server.ws_url, app["app_id"], "d", first["key"])
+        ).serve()
+        status, second = await admin.call("POST", f"/apps/{app['app_id']}/devices/d")
+        assert (status, second["online"]) == (201, False)
+        assert await old.wait_closed() == 4005
+        await connect(admin.http, admin.server.ws_url, app["app_id"], "d", second["key"])
+
     async def test_delete_app_closes_sessions(self, admin: Admin) -> None:
         _, app = await admin.call("POST", "/apps", {"name": "a"})
         _, cred = await admin.call("POST", f"/apps/{app['app_id']}/devices/d")

@@ -199,8 +199,10 @@ class AdminApi:
             raise ApiError(404, "unknown_app", str(exc)) from None
         except InvalidInput as exc:
             raise ApiError(400, "invalid_device_id", str(exc)) from None
-        online = await self._relay.presence(app_id, device_id) is not None
-        return json_response({**device_json(cred, online), "key": key}, status=201)
+        # A session opened with the old key (or with none, under open attach) must not
+        # outlive it: the new key is now the only way in.
+        await self._relay.detach(app_id, device_id, CloseReason.REVOKED)
+        return json_response({**device_json(cred, False), "key": key}, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """Delete a device key and close the device's session."""
