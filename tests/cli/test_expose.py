@@ -1,23 +1,25 @@
-"""``backchannel expose``: argument checks, refusals, and a real run against a fake relay."""
+"""``backchannel expose``: argument checks, refusals, and a real run against a real server."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import re
 import signal
 import sys
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
+from backchannel import Tunnel
 from backchannel.cli.expose import RequestLog, human_size
 from backchannel.cli.main import cli
-from tests.sdk.fake_relay import TOKEN, FakeRelay, running_relay
+from backchannel.core.session import CloseReason
+from tests.conftest import RunningServer, ServerFactory
 from tests.tunnel_service import LocalService, tunnel_service
 
 ENV_CLEAR: dict[str, str | None] = {
@@ -111,38 +113,45 @@ def test_sizes_and_log_lines() -> None:
     assert "\x1b[" in tty.getvalue() and "/[x]" in tty.getvalue()
 
 
-async def test_refused_tunnel_exits_1(local: LocalService) -> None:
-    why = "tunnel refused: the tunnel name 'demo' is reserved by another device"
-    async with running_relay(refuse=(4006, why)) as relay:
-        result = await asyncio.to_thread(
-            invoke,
-            "expose",
-            str(local.port),
-            "--name",
-            "demo",
-            env={
-                "BACKCHANNEL_SERVER": relay.url,
-                "BACKCHANNEL_APP": "app1",
-                "BACKCHANNEL_DEVICE": "dev1",
-                "BACKCHANNEL_KEY": "k",
-            },
-        )
-        assert result.exit_code == 1, result.output
-        assert (
-            "the server refused the tunnel: the tunnel name 'demo' is reserved by another device"
-            in result.stderr
-        )
-        assert relay.upgrades[0]["Authorization"] == "Bearer k"
-        assert json.loads(relay.upgrades[0]["X-Backchannel-Tunnel"]) == {"name": "demo"}
+def agent_env(server: RunningServer, app_id: str, device_id: str, key: str) -> dict[str, str]:
+    return {
+        "BACKCHANNEL_SERVER": server.url,
+        "BACKCHANNEL_APP": app_id,
+        "BACKCHANNEL_DEVICE": device_id,
+        "BACKCHANNEL_KEY": key,
+    }
 
 
-async def test_auth_failure_exits_1(local: LocalService) -> None:
-    async with running_relay(refuse=(4001, "authentication failed: bad_key")) as relay:
-        result = await asyncio.to_thread(
-            invoke, "expose", str(local.port), "--server", relay.url, *CREDS
-        )
-        assert result.exit_code == 1, result.output
-        assert "refused the credentials: authentication failed: bad_key" in result.stderr
+async def test_refused_tunnel_exits_1(server: RunningServer, local: LocalService) -> None:
+    app_id, _ = await server.create_app()
+    # dev1 takes the name first; names stay with the credential that used them first.
+    first = Tunnel(
+        server.url, app_id, "dev1", await server.provision(app_id, "dev1"), 1, name="demo"
+    )
+    task = asyncio.get_running_loop().create_task(first.serve())
+    await first.wait_ready(5)
+    await first.stop()
+    await task
+    key = await server.provision(app_id, "dev2")
+    result = await asyncio.to_thread(
+        invoke,
+        "expose",
+        str(local.port),
+        "--name",
+        "demo",
+        env=agent_env(server, app_id, "dev2", key),
+    )
+    assert result.exit_code == 1, result.output
+    assert "the server refused the tunnel: the tunnel name 'demo' is reserved" in result.stderr
+
+
+async def test_auth_failure_exits_1(server: RunningServer, local: LocalService) -> None:
+    app_id, _ = await server.create_app()
+    await server.provision(app_id, "dev1")
+    env = agent_env(server, app_id, "dev1", "not-the-key")
+    result = await asyncio.to_thread(invoke, "expose", str(local.port), env=env)
+    assert result.exit_code == 1, result.output
+    assert "refused the credentials: authentication failed: bad_key" in result.stderr
 
 
 async def _line(stream: asyncio.StreamReader, pattern: str, timeout: float = 10) -> str:
@@ -156,11 +165,14 @@ async def _line(stream: asyncio.StreamReader, pattern: str, timeout: float = 10)
                 return line
 
 
-async def test_runs_logs_and_stops_on_sigterm(local: LocalService) -> None:
-    relay = FakeRelay()
-    await relay.start()
+async def test_runs_logs_and_stops_on_sigterm(
+    make_server: ServerFactory, local: LocalService
+) -> None:
+    server = await make_server(domain="tunnels.test")
+    app_id, _ = await server.create_app()
+    key = await server.provision(app_id, "dev1")
     env = {k: v for k, v in os.environ.items() if k not in ENV_CLEAR}
-    env.update(PYTHONUNBUFFERED="1", BACKCHANNEL_KEY="k1")
+    env.update(PYTHONUNBUFFERED="1", BACKCHANNEL_KEY=key)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -168,8 +180,13 @@ async def test_runs_logs_and_stops_on_sigterm(local: LocalService) -> None:
         "expose",
         str(local.port),
         "--server",
-        relay.url,
-        *CREDS,
+        server.url,
+        "--app",
+        app_id,
+        "--device",
+        "dev1",
+        "--name",
+        "demo",
         "--auth",
         "u:p",
         stdout=asyncio.subprocess.PIPE,
@@ -179,23 +196,30 @@ async def test_runs_logs_and_stops_on_sigterm(local: LocalService) -> None:
     try:
         assert proc.stdout is not None and proc.stderr is not None
         line = await _line(proc.stdout, "^Public URL: ")
-        assert line == f"Public URL: {relay.url}/go/{TOKEN}/"
+        url = line.removeprefix("Public URL: ")
+        assert re.fullmatch(rf"{re.escape(server.url)}/go/[^/]+/", url), line
         await _line(proc.stdout, "^Host URL: http://demo.tunnels.test:")
         await _line(proc.stdout, f"^Forwarding to: http://localhost:{local.port}$")
-        assert json.loads(relay.upgrades[0]["X-Backchannel-Tunnel"]) == {"basic_auth": "u:p"}
 
-        session = await relay.session()
-        answer = await session.request("GET", "/echo?x=1")
-        assert answer.status == 200
-        line = await _line(proc.stdout, "GET ")
-        assert re.fullmatch(r"\d\d:\d\d:\d\d GET /echo\?x=1 200 \d+ ms \d+ B", line), line
-        await session.request("GET", "/status/404")
-        assert " 404 " in await _line(proc.stdout, "GET /status/404")
+        auth = {"Authorization": aiohttp.encode_basic_auth("u", "p")}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "echo?x=1") as resp:
+                assert resp.status == 401  # --auth reached the server
+            async with http.get(url + "echo?x=1", headers=auth) as resp:
+                assert resp.status == 200
+            line = await _line(proc.stdout, "GET ")
+            assert re.fullmatch(r"\d\d:\d\d:\d\d GET /echo\?x=1 200 \d+ ms \d+ B", line), line
+            async with http.get(url + "status/404", headers=auth) as resp:
+                assert resp.status == 404
+            assert " 404 " in await _line(proc.stdout, "GET /status/404")
 
-        # A dropped connection comes back with the same URL.
-        await session.close(1001, b"restarting")
-        await relay.session(after=1)
-        await _line(proc.stderr, "back online")
+            # A dropped connection (the server closes it, 1001) comes back with the same URL.
+            session = server.relay.hub.get(app_id, "dev1")
+            assert session is not None
+            await session.close(CloseReason.SHUTDOWN, "restarting")
+            await _line(proc.stderr, "back online")
+            async with http.get(url + "status/200", headers=auth) as resp:
+                assert resp.status == 200
 
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
@@ -207,4 +231,3 @@ async def test_runs_logs_and_stops_on_sigterm(local: LocalService) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await relay.stop()

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Protocol
 
 from backchannel.wire.native import NativeConnection
+from backchannel.wire.native.frames import HEADER_SIZE
 
 # Frames on a stream carry at most this much data: well under any sane max_frame, and
 # small enough that one stream does not hog the connection.
@@ -54,6 +55,7 @@ class ServerStream:
         "_error",
         "_host",
         "_local_fin",
+        "_max_chunk",
         "_readable",
         "_remote_fin",
         "stream_id",
@@ -68,6 +70,9 @@ class ServerStream:
         self._remote_fin = False
         self._local_fin = local_fin
         self._error: StreamReset | None = None
+        # Never above the frame limit the device was told in HELLO (header included).
+        limit = host.conn.max_frame - HEADER_SIZE if host.conn.max_frame else MAX_CHUNK
+        self._max_chunk = max(1, min(MAX_CHUNK, limit))
 
     # -- from the session's receive loop ---------------------------------------------------
 
@@ -126,7 +131,7 @@ class ServerStream:
                 self._credit.clear()
                 await self._credit.wait()
                 continue
-            n = min(credit, len(view), MAX_CHUNK)
+            n = min(credit, len(view), self._max_chunk)
             last = n == len(view)
             self._host.send_frame(conn.send_data(self.stream_id, bytes(view[:n]), fin=fin and last))
             view = view[n:]

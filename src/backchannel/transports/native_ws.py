@@ -385,7 +385,8 @@ class NativeTransport:
         ws = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
             compress=False,  # about 30 KB per connection; devices rarely benefit
-            max_msg_size=s.max_frame,
+            # aiohttp refuses a message of exactly max_msg_size; the protocol allows max_frame.
+            max_msg_size=s.max_frame + 1,
             autoping=True,
             heartbeat=None,  # our own PING frames, swept by one timer for all sessions
             timeout=2.0,
