@@ -74,7 +74,7 @@ class FakeClient:
     async def forward(self, request: PublicRequest, timeout: float) -> PublicResponse:
         return PublicResponse(200, [], b"")
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, takeover: bool = False) -> None:
         self.closed.append((reason, self._now()))
 
 

@@ -14,6 +14,7 @@ class FakeClient:
     def __init__(self, remote: str = "192.0.2.1") -> None:
         self.remote = remote
         self.closed: list[str] = []
+        self.takeovers: list[bool] = []
 
     @property
     def in_flight(self) -> int:
@@ -22,8 +23,9 @@ class FakeClient:
     async def forward(self, request: PublicRequest, timeout: float) -> PublicResponse:
         return PublicResponse(200, [], request.body)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, takeover: bool = False) -> None:
         self.closed.append(reason)
+        self.takeovers.append(takeover)
 
 
 def test_attach_get_detach() -> None:
@@ -49,6 +51,7 @@ def test_takeover_closes_the_old_client() -> None:
     assert registry.attach("h", new) is old
     assert len(old.closed) == 1
     assert "replaced" in old.closed[0]
+    assert old.takeovers == [True]
     assert new.closed == []
     assert registry.get("h") is new
     assert len(registry) == 1
