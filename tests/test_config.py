@@ -96,3 +96,19 @@ def test_token_expire_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("TOKEN_EXPIRE_SECONDS", "0")
     with pytest.raises(ValidationError, match="greater than 0"):
         load_config()
+
+
+def test_event_retention(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("BACKCHANNEL_EVENT_RETENTION_COUNT", "BACKCHANNEL_EVENT_RETENTION_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config()
+    assert (config.event_retention_count, config.event_retention_seconds) == (10_000, 604_800)
+    toml = tmp_path / "c.toml"
+    toml.write_text("event_retention_count = 50\nevent_retention_seconds = 3600\n")
+    monkeypatch.setenv("BACKCHANNEL_EVENT_RETENTION_SECONDS", "60")
+    config = load_config(toml, event_retention_count=7)
+    assert (config.event_retention_count, config.event_retention_seconds) == (7, 60)
+    with pytest.raises(ValidationError, match="event_retention_count"):
+        load_config(event_retention_count=0)
+    with pytest.raises(ValidationError, match="event_retention_seconds"):
+        load_config(event_retention_seconds=0)

@@ -21,6 +21,7 @@ from backchannel import __version__
 from backchannel.config import Config
 from backchannel.core.apps import AppService
 from backchannel.core.clock import Clock, SystemClock
+from backchannel.core.events import EventLog, EventSettings
 from backchannel.core.ratelimit import RateLimiter
 from backchannel.core.relay import Relay, RelayLimits
 from backchannel.core.tokens import TunnelTokens
@@ -30,6 +31,7 @@ from backchannel.frontdoors.admin import AdminApi
 from backchannel.frontdoors.app_api import AppApi
 from backchannel.frontdoors.app_websockets import AppWebSockets
 from backchannel.frontdoors.errors import MAX_BODY, json_errors
+from backchannel.frontdoors.event_stream import EventStream
 from backchannel.frontdoors.health import Health
 from backchannel.frontdoors.socket2me_tokens import Socket2meTokens
 from backchannel.frontdoors.tunnel_ingress import TunnelIngress
@@ -50,6 +52,8 @@ log = logging.getLogger("backchannel")
 RELAY = web.AppKey("backchannel.relay", Relay)
 APPS = web.AppKey("backchannel.apps", AppService)
 WEBHOOKS = web.AppKey("backchannel.webhooks", Webhooks)
+EVENTS = web.AppKey("backchannel.events", EventLog)
+EVENT_STREAM = web.AppKey("backchannel.event_stream", EventStream)
 #: The protocol factory for Cometa device connections, which the sniffing site needs.
 COMETA = web.AppKey("backchannel.cometa", CometaTransport)
 #: Set at startup when the server generated the admin token (tests read it from here).
@@ -135,6 +139,17 @@ def build_app(
     sockets.attach()
     webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
     relay.on_event(webhooks.on_event)
+    events = app[EVENTS] = EventLog(
+        store,
+        clock,
+        EventSettings(
+            retention_count=config.event_retention_count,
+            retention_seconds=config.event_retention_seconds,
+        ),
+    )
+    events.attach(relay)
+    app[EVENT_STREAM] = EventStream(events, api)
+    app[EVENT_STREAM].add_routes(app)
     AdminApi(relay, apps, tunnels, names).add_routes(app)
     tokens = app[TOKENS] = TunnelTokens(store, clock, config.token_expire_seconds, tunnels)
     socket2me = app[SOCKET2ME] = Socket2meTransport(
@@ -173,15 +188,23 @@ def build_app(
         if generated is not None:
             app[GENERATED_ADMIN_TOKEN] = generated
         await names.init_secret()
+        await events.start()
         relay.start()
         tokens.start()
         yield
         await tokens.stop()
+        # After the relay closed the sessions: their "offline" records are written too.
+        await events.stop()
         await broker.stop()
         await store.close()
 
     async def on_shutdown(app: web.Application) -> None:
         await relay.shutdown()
+        # Streams get the shutdown's presence records, then end (aiohttp waits for them).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await events.drain()
+        events.close_subscribers()
         await sockets.close_all()
         await socket2me.close_all("the server is shutting down")
 

@@ -68,6 +68,12 @@ class Config(BaseSettings):
         400.0, ge=0, description="Public requests per second per client IP (0: no limit)"
     )
     tunnel_rate_burst: int = Field(800, ge=1, description="Requests a client IP may burst")
+    event_retention_count: int = Field(
+        10_000, ge=1, description="Stored events kept per application (the newest)"
+    )
+    event_retention_seconds: float = Field(
+        7 * 86400.0, gt=0, description="Age after which a stored event is deleted (s)"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")

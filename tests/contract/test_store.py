@@ -12,13 +12,16 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from backchannel.state import sqlite as sqlite_module
 from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import MIGRATIONS, SqliteStore
 from backchannel.state.store import (
     AlreadyExists,
     AppRecord,
     DeviceCredential,
+    NewEvent,
     Store,
+    StoredEvent,
     TunnelName,
     TunnelToken,
 )
@@ -337,7 +340,14 @@ async def test_sqlite_file_uses_wal_and_schema_version(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"apps", "device_credentials", "settings", "tunnel_tokens", "tunnel_names"} <= tables
+    assert {
+        "apps",
+        "device_credentials",
+        "settings",
+        "tunnel_tokens",
+        "tunnel_names",
+        "events",
+    } <= tables
 
 
 async def test_sqlite_work_runs_on_worker_thread(tmp_path: Path) -> None:
@@ -349,3 +359,170 @@ async def test_sqlite_work_runs_on_worker_thread(tmp_path: Path) -> None:
         assert any(n.startswith("backchannel-sqlite") for n in names)
     finally:
         await s.close()
+
+
+def ev(
+    app_id: str = "a1", device_id: str = "d1", type: str = "t", data: bytes = b"x", ts: float = 1.0
+) -> NewEvent:
+    """A new event with filler fields."""
+    return NewEvent(app_id, device_id, type, data, ts)
+
+
+def ids(events: list[StoredEvent]) -> list[int]:
+    return [e.id for e in events]
+
+
+class TestEvents:
+    """The event log: ids, batches, filtered reads, retention."""
+
+    async def test_append_gives_increasing_ids_in_batch_order(self, store: Store) -> None:
+        assert await store.last_event_id() == 0
+        assert await store.append_events([]) == []
+        batch = [
+            ev(data=bytes(range(256)), type="température", ts=1712345678.123456),
+            ev(device_id="d2", data=b"", type=""),
+            ev(app_id="a2", data=b"\x00" * 70_000),
+        ]
+        stored = await store.append_events(batch)
+        assert ids(stored) == [1, 2, 3]
+        for new, old in zip(stored, batch, strict=True):
+            assert (new.app_id, new.device_id, new.type, new.data, new.ts) == (
+                old.app_id,
+                old.device_id,
+                old.type,
+                old.data,
+                old.ts,
+            )
+        more = await store.append_events([ev(app_id="a2"), ev()])
+        assert ids(more) == [4, 5]
+        assert await store.last_event_id() == 5
+        assert await store.read_events("a1", 0, 100) == [stored[0], stored[1], more[1]]
+        assert await store.read_events("a2", 0, 100) == [stored[2], more[0]]
+
+    async def test_read_after_id_with_limit(self, store: Store) -> None:
+        await store.append_events([ev(data=b"%d" % n) for n in range(10)])
+        assert ids(await store.read_events("a1", 0, 3)) == [1, 2, 3]
+        assert ids(await store.read_events("a1", 3, 3)) == [4, 5, 6]
+        assert ids(await store.read_events("a1", 8, 100)) == [9, 10]
+        assert await store.read_events("a1", 10, 100) == []
+        assert await store.read_events("a1", 0, 0) == []
+        assert await store.read_events("other", 0, 100) == []
+
+    async def test_read_filters_by_devices_and_types(self, store: Store) -> None:
+        await store.append_events(
+            [
+                ev(device_id="d1", type="temp"),  # 1
+                ev(device_id="d2", type="temp"),  # 2
+                ev(device_id="d3", type="presence"),  # 3
+                ev(device_id="d1", type="presence"),  # 4
+                ev(device_id="d2", type="door"),  # 5
+                ev(app_id="a2", device_id="d1", type="temp"),  # 6
+            ]
+        )
+        assert ids(await store.read_events("a1", 0, 100, devices=["d1"])) == [1, 4]
+        assert ids(await store.read_events("a1", 0, 100, devices={"d1", "d3"})) == [1, 3, 4]
+        assert ids(await store.read_events("a1", 0, 100, types=["presence"])) == [3, 4]
+        assert ids(await store.read_events("a1", 0, 100, types=["temp", "door"])) == [1, 2, 5]
+        both = await store.read_events("a1", 0, 100, devices=["d2"], types=["door"])
+        assert ids(both) == [5]
+        assert ids(await store.read_events("a1", 1, 1, devices=["d1", "d2"])) == [2]
+        assert await store.read_events("a1", 0, 100, devices=["nobody"]) == []
+
+    async def test_trim_by_count_per_app(self, store: Store) -> None:
+        await store.append_events([ev(app_id=f"a{n % 2}", ts=100.0) for n in range(10)])
+        # a0 holds 1, 3, 5, 7, 9; a1 holds 2, 4, 6, 8, 10.
+        assert await store.trim_events(3, 0.0, ["a0"]) == 2
+        assert ids(await store.read_events("a0", 0, 100)) == [5, 7, 9]
+        assert ids(await store.read_events("a1", 0, 100)) == [2, 4, 6, 8, 10]
+        assert await store.trim_events(2, 0.0) == 4  # every app: 1 from a0, 3 from a1
+        assert ids(await store.read_events("a0", 0, 100)) == [7, 9]
+        assert ids(await store.read_events("a1", 0, 100)) == [8, 10]
+        assert await store.trim_events(2, 0.0) == 0
+        assert await store.trim_events(5, 0.0, ["ghost"]) == 0
+
+    async def test_trim_by_age_applies_to_every_app(self, store: Store) -> None:
+        await store.append_events(
+            [ev(ts=10.0), ev(app_id="a2", ts=20.0), ev(ts=30.0), ev(app_id="a2", ts=5.0)]
+        )
+        # ts < older_than goes, whatever the order of the timestamps.
+        assert await store.trim_events(100, 20.0, []) == 2
+        assert ids(await store.read_events("a1", 0, 100)) == [3]
+        assert ids(await store.read_events("a2", 0, 100)) == [2]
+
+    async def test_ids_are_never_reused(self, store: Store) -> None:
+        await store.append_events([ev(), ev()])
+        assert await store.trim_events(0, 0.0) == 2
+        assert await store.read_events("a1", 0, 100) == []
+        assert await store.last_event_id() == 2
+        assert ids(await store.append_events([ev()])) == [3]
+
+    async def test_delete_app_deletes_its_events(self, store: Store) -> None:
+        await store.create_app(app("a1"))
+        await store.append_events([ev(), ev(app_id="a2")])
+        await store.delete_app("a1")
+        assert await store.read_events("a1", 0, 100) == []
+        assert ids(await store.read_events("a2", 0, 100)) == [2]
+
+    async def test_concurrent_appends_keep_ids_unique(self, store: Store) -> None:
+        batches = await asyncio.gather(
+            *(store.append_events([ev(data=b"%d" % n)] * 5) for n in range(40))
+        )
+        all_ids = [i for batch in batches for i in ids(batch)]
+        assert sorted(all_ids) == list(range(1, 201))
+        for batch in batches:
+            assert ids(batch) == list(range(batch[0].id, batch[0].id + 5))
+        stored = await store.read_events("a1", 0, 1000)
+        assert ids(stored) == list(range(1, 201))
+        by_id = {e.id: e for batch in batches for e in batch}
+        assert all(by_id[e.id] == e for e in stored)
+
+
+async def test_sqlite_events_survive_reopen_and_ids_continue(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    first = SqliteStore(path)
+    await first.open()
+    stored = await first.append_events([ev(data=b"\xff\x00"), ev(type="")])
+    await first.trim_events(1, 0.0)  # the newest survives; id 1 goes
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.read_events("a1", 0, 10) == [stored[1]]
+        assert await second.last_event_id() == 2
+        await second.trim_events(0, 0.0)
+        assert ids(await second.append_events([ev()])) == [3]
+    finally:
+        await second.close()
+
+
+async def test_sqlite_trims_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "_TRIM_CHUNK", 7)
+    s = SqliteStore(tmp_path / "db.sqlite")
+    await s.open()
+    try:
+        await s.append_events([ev(ts=float(n)) for n in range(50)])
+        await s.append_events([ev(app_id="a2", ts=1000.0) for _ in range(30)])
+        assert await s.trim_events(10, 0.0) == 40 + 20
+        assert ids(await s.read_events("a1", 0, 100)) == list(range(41, 51))
+        assert await s.trim_events(100, 48.0) == 8
+        assert ids(await s.read_events("a1", 0, 100)) == [49, 50]
+    finally:
+        await s.close()
+
+
+async def test_sqlite_upgrades_an_older_schema(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    older = len(MIGRATIONS) - 1  # the schema before the events table
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for number, sql in enumerate(MIGRATIONS[:older], start=1):
+            conn.executescript(f"BEGIN;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;")
+    conn.close()
+    s = SqliteStore(path)
+    await s.open()
+    try:
+        assert ids(await s.append_events([ev()])) == [1]
+    finally:
+        await s.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()

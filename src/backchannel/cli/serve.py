@@ -38,6 +38,10 @@ from backchannel.config import load_config
 @click.option("--domain", help="Base domain: tunnels answer at NAME.DOMAIN (wildcard DNS).")
 @click.option("--tunnel-rate-limit", type=float, help="Requests/s per client IP, 0 = off [400].")
 @click.option("--tunnel-rate-burst", type=int, help="Burst per client IP [800].")
+@click.option("--event-retention-count", type=int, help="Events kept per application [10000].")
+@click.option(
+    "--event-retention-seconds", type=float, help="Age at which events are deleted [604800]."
+)
 @click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=None, help="Log each request.")

@@ -8,6 +8,14 @@ SESSIONS = Gauge("backchannel_sessions", "Live device sessions on this node", ["
 CALLS_OK = Counter("backchannel_calls_ok", "Calls answered by the device")
 CALLS = Counter("backchannel_calls_failed", "Calls that failed, by outcome", ["outcome"])
 EVENTS = Counter("backchannel_events", "Upstream events received from devices")
+EVENTS_STORED = Counter("backchannel_events_stored", "Events written to the event log")
+EVENTS_DROPPED = Counter(
+    "backchannel_events_dropped", "Events the event log could not store, by reason", ["reason"]
+)
+EVENT_STREAMS = Gauge("backchannel_event_streams", "Live event stream subscribers on this node")
+EVENT_STREAMS_DROPPED = Counter(
+    "backchannel_event_streams_dropped", "Event stream subscribers dropped for reading too slowly"
+)
 PROTOCOL_ERRORS = Counter(
     "backchannel_protocol_errors", "Sessions closed for breaking the protocol", ["transport"]
 )

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 EventListener = Callable[[str, str, str, bytes], None]
 #: Called when a device's session ends on this node: (app_id, device_id, reason).
 DisconnectListener = Callable[[str, str, CloseReason], None]
+#: Called when a session became the device's live session on this node, a takeover
+#: included: (app_id, device_id, session). Must not block.
+ConnectListener = Callable[[str, str, Session], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +59,17 @@ class Relay:
         self._housekeeper: asyncio.Task[None] | None = None
         self._event_listeners: list[EventListener] = []
         self._disconnect_listeners: list[DisconnectListener] = []
+        self._connect_listeners: list[ConnectListener] = []
         #: Open app WebSockets of a device on this node, for presence (set by the front door).
         self.websocket_counter: Callable[[str, str], int] | None = None
 
     def on_event(self, listener: EventListener) -> None:
         """Register a consumer of upstream events (webhooks, app WebSockets...)."""
         self._event_listeners.append(listener)
+
+    def on_connect(self, listener: ConnectListener) -> None:
+        """Register a consumer of session starts (presence events)."""
+        self._connect_listeners.append(listener)
 
     def on_disconnect(self, listener: DisconnectListener) -> None:
         """Register a consumer of session ends (to close what depends on the device)."""
@@ -149,6 +157,11 @@ class Relay:
             session.transport,
             session.stats.remote,
         )
+        for listener in self._connect_listeners:
+            try:
+                listener(session.app_id, session.device_id, session)
+            except Exception:
+                log.exception("connect listener failed")
 
     async def unregister(self, session: Session, reason: CloseReason) -> None:
         """Forget ``session`` if it is still current (a replaced session changes nothing)."""
@@ -167,7 +180,8 @@ class Relay:
         """An upstream event arrived from a device: count it and log it."""
         session.stats.events += 1
         metrics.EVENTS.inc()
-        log.info(
+        # DEBUG: at thousands of events a second, one INFO line each would drown the log.
+        log.debug(
             "event from %s/%s: %s (%d bytes)", session.app_id, session.device_id, name, len(data)
         )
         for listener in self._event_listeners:

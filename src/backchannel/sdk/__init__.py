@@ -1,6 +1,7 @@
 """Python SDKs: :class:`Device` and :class:`Tunnel` (the device side), :class:`Client` /
 :class:`AsyncClient` (the application side)."""
 
+from backchannel.sdk._events import Event
 from backchannel.sdk.client import AsyncClient, Client
 from backchannel.sdk.device import Device
 from backchannel.sdk.errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "DeviceDisconnected",
     "DeviceError",
     "DeviceOffline",
+    "Event",
     "NoReply",
     "NotConnected",
     "NotFound",

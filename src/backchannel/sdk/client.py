@@ -6,9 +6,11 @@ synchronous code by running an :class:`AsyncClient` on a private loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 import ssl as ssl_module
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +18,7 @@ import aiohttp
 import orjson
 
 import backchannel
+from backchannel.sdk._events import Event, SseParser
 from backchannel.sdk._sync import LoopThread
 from backchannel.sdk.errors import BackchannelError, ServerUnavailable, error_from_response
 
@@ -26,6 +29,12 @@ SSLArg = ssl_module.SSLContext | bool | None
 _SEND_MARGIN = 30.0
 _CONNECT_TIMEOUT = 10.0
 _DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30.0, sock_connect=_CONNECT_TIMEOUT)
+# The server writes at least a comment every 15 s: three missed ones mean a dead connection.
+_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=45.0)
+_STREAM_BACKOFF = 0.5  # first wait after a failed attempt; doubles up to the cap
+_STREAM_MAX_BACKOFF = 15.0
+# Refusals that another attempt cannot cure: bad filters, credentials, an unknown app.
+_FINAL_STATUSES = frozenset({400, 401, 403, 404})
 
 
 def _body_bytes(body: bytes | bytearray | memoryview | str) -> bytes:
@@ -159,6 +168,75 @@ class AsyncClient:
         """The application's name and traffic counters."""
         return await self._json("GET", "")
 
+    async def events(
+        self,
+        after: int | None = None,
+        devices: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        *,
+        reconnect: bool = True,
+    ) -> AsyncGenerator[Event, None]:
+        """The application's events, live, as an endless async iterator.
+
+        Args:
+            after: replay the stored events after this id first; None starts with the
+                events that arrive from now on.
+            devices: only these devices' events (presence changes included).
+            types: only these types (``presence`` for presence changes, ``message`` for
+                unnamed events such as Cometa devices').
+            reconnect: when the connection drops or the server restarts, reconnect and
+                resume after the last event seen (``Last-Event-ID``), with backoff, so no
+                event is missed or repeated. With False, the iterator ends instead.
+
+        Raises:
+            Unauthorized, NotFound, BadRequest: refusals that reconnecting cannot cure.
+            ServerUnavailable: only without ``reconnect``.
+        """
+        params = [("device", d) for d in devices or ()] + [("type", t) for t in types or ()]
+        last = after
+        failures = 0
+        while True:
+            headers = {**self._headers, "Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            delivered = False
+            try:
+                async with self._http().get(
+                    self._base + "/events",
+                    params=params,
+                    headers=headers,
+                    timeout=_STREAM_TIMEOUT,
+                    ssl=self._ssl,
+                ) as resp:
+                    if resp.status >= 400:
+                        error = error_from_response(resp.status, await resp.read())
+                        if not reconnect or resp.status in _FINAL_STATUSES:
+                            raise error
+                    else:
+                        parser = SseParser()
+                        async for chunk in resp.content.iter_any():
+                            for message in parser.feed(chunk):
+                                event = Event.from_object(_loads(message.data))
+                                last = event.id
+                                delivered = True
+                                yield event
+                            if parser.last_id.isdigit():
+                                last = int(parser.last_id)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not reconnect:
+                    raise ServerUnavailable(
+                        f"event stream from {self.server} broke: {exc!r}",
+                        status=0,
+                        error="unreachable",
+                    ) from exc
+            if not reconnect:
+                return
+            # A stream that was delivering resumes at once; failures back off, with jitter.
+            failures = 0 if delivered else failures + 1
+            if failures:
+                delay = min(_STREAM_BACKOFF * 2 ** (failures - 1), _STREAM_MAX_BACKOFF)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
     async def close(self) -> None:
         """Close the HTTP session if this client created it."""
         if self._own_session and self._session is not None and not self._session.closed:
@@ -169,6 +247,15 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise BackchannelError(
+            "the server sent an event that is not JSON", error="bad_response"
+        ) from exc
 
 
 class Client:
@@ -209,6 +296,33 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The application's name and traffic counters."""
         return self._runner.run(self._client.info())
+
+    def events(
+        self,
+        after: int | None = None,
+        devices: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        *,
+        reconnect: bool = True,
+    ) -> Iterator[Event]:
+        """The application's events as a blocking iterator (see :meth:`AsyncClient.events`).
+
+        Leave the loop (``break``) or close the iterator to end the stream.
+        """
+        stream = self._client.events(after, devices, types, reconnect=reconnect)
+
+        async def step() -> Event:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    yield self._runner.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):  # the client was closed first
+                self._runner.run(stream.aclose())
 
     def close(self) -> None:
         """Close the HTTP session and stop the background loop."""

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Collection
+
 from backchannel.state.store import (
     AlreadyExists,
     AppRecord,
     DeviceCredential,
+    NewEvent,
+    StoredEvent,
     TunnelName,
     TunnelToken,
 )
+
+
+def _event_id(event: StoredEvent) -> int:
+    return event.id
 
 
 class MemoryStore:
@@ -20,6 +29,9 @@ class MemoryStore:
         self._settings: dict[str, str] = {}
         self._tokens: dict[str, TunnelToken] = {}
         self._names: dict[str, TunnelName] = {}
+        # Per application, oldest first: ids increase, so a bisect finds ``after_id``.
+        self._events: dict[str, list[StoredEvent]] = {}
+        self._event_seq = 0
 
     async def open(self) -> None:
         """Do nothing: there is nothing to connect to."""
@@ -55,6 +67,7 @@ class MemoryStore:
             del self._creds[key]
         for name in [n for n, r in self._names.items() if r.app_id == app_id]:
             del self._names[name]
+        self._events.pop(app_id, None)
         return self._apps.pop(app_id, None) is not None
 
     async def put_device_credential(self, cred: DeviceCredential) -> None:
@@ -129,3 +142,67 @@ class MemoryStore:
     async def delete_tunnel_name(self, name: str) -> bool:
         """Release a name; False when it was not reserved."""
         return self._names.pop(name, None) is not None
+
+    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
+        """Append a batch; return it with its ids, in the same order."""
+        stored: list[StoredEvent] = []
+        logs = self._events
+        seq = self._event_seq
+        for e in events:
+            seq += 1
+            event = StoredEvent(seq, e.app_id, e.device_id, e.type, e.data, e.ts)
+            log = logs.get(e.app_id)
+            if log is None:
+                log = logs[e.app_id] = []
+            log.append(event)
+            stored.append(event)
+        self._event_seq = seq
+        return stored
+
+    async def read_events(
+        self,
+        app_id: str,
+        after_id: int,
+        limit: int,
+        devices: Collection[str] | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events of the app after ``after_id``, oldest first, filtered."""
+        log = self._events.get(app_id)
+        if not log or limit <= 0:
+            return []
+        start = bisect_right(log, after_id, key=_event_id)
+        if devices is None and types is None:
+            return log[start : start + limit]
+        found: list[StoredEvent] = []
+        for event in log[start:]:
+            if (devices is None or event.device_id in devices) and (
+                types is None or event.type in types
+            ):
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def last_event_id(self) -> int:
+        """The highest event id ever given (0 when none was)."""
+        return self._event_seq
+
+    async def trim_events(
+        self, max_per_app: int, older_than: float, app_ids: Collection[str] | None = None
+    ) -> int:
+        """Delete events older than ``older_than`` and each app's oldest beyond the count."""
+        deleted = 0
+        counted = set(self._events) if app_ids is None else set(app_ids)
+        for app_id in list(self._events):
+            log = self._events[app_id]
+            before = len(log)
+            if app_id in counted and len(log) > max_per_app:
+                del log[: len(log) - max_per_app]
+            # Wall-clock time may step back, so ts is not sorted: look at every event.
+            if any(e.ts < older_than for e in log):
+                log[:] = [e for e in log if e.ts >= older_than]
+            deleted += before - len(log)
+            if not log:
+                del self._events[app_id]
+        return deleted

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from backchannel.state.store import (
     AlreadyExists,
     AppRecord,
     DeviceCredential,
+    NewEvent,
+    StoredEvent,
     StoreError,
     TunnelName,
     TunnelToken,
@@ -71,7 +74,39 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tunnel_names_by_app ON tunnel_names (app_id);
     """,
+    # AUTOINCREMENT: an id is never reused, even once the newest events are trimmed, so a
+    # client resuming after it can never be handed a different event under the same id.
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        data BLOB NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX events_by_app ON events (app_id, id);
+    CREATE INDEX events_by_ts ON events (ts);
+    """,
 )
+
+_INSERT_EVENTS = "INSERT INTO events (app_id, device_id, type, data, ts) VALUES "
+_ROW = "(?, ?, ?, ?, ?)"
+_MAX_ROWS = 2000  # rows per INSERT statement (and below SQLite's bound-parameter limit)
+# Deletes run in chunks of this many rows, each its own job on the worker thread, so
+# appends interleave with a long trim instead of waiting behind it.
+_TRIM_CHUNK = 5000
+# Every app id in the events table, by hopping along the (app_id, id) index ("skip scan"),
+# in about one index lookup per application rather than a scan of every event.
+_EVENT_APPS = """
+    WITH RECURSIVE a(app_id) AS (
+        SELECT MIN(app_id) FROM events
+        UNION ALL
+        SELECT (SELECT MIN(app_id) FROM events WHERE app_id > a.app_id) FROM a
+        WHERE a.app_id IS NOT NULL
+    )
+    SELECT app_id FROM a WHERE app_id IS NOT NULL
+"""
 
 _APP_COLUMNS = (
     "app_id, name, secret_hash, created_at, webhook_url, default_timeout, "
@@ -282,6 +317,7 @@ class SqliteStore:
             with _transaction(conn):
                 conn.execute("DELETE FROM device_credentials WHERE app_id = ?", (app_id,))
                 conn.execute("DELETE FROM tunnel_names WHERE app_id = ?", (app_id,))
+                conn.execute("DELETE FROM events WHERE app_id = ?", (app_id,))
                 return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
 
         return await self._run(run)
@@ -474,3 +510,109 @@ class SqliteStore:
             return cur.rowcount > 0
 
         return await self._run(run)
+
+    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
+        """Append a batch in one transaction; return it with its ids, in the same order."""
+        if not events:
+            return []
+
+        def run(conn: sqlite3.Connection) -> int:
+            # Multi-row INSERTs rather than executemany(): the sqlite3 module lets go of the
+            # GIL around every statement step, and with executemany() that is once per row.
+            # While the event loop keeps the GIL busy, each row then waits for it (the
+            # "convoy effect": measured 75 s instead of 0.1 s for 20,000 rows).
+            per = max(1, min(_MAX_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 5))
+            with _transaction(conn):
+                for start in range(0, len(events), per):
+                    chunk = events[start : start + per]
+                    params: list[Any] = []
+                    for e in chunk:
+                        params += (e.app_id, e.device_id, e.type, e.data, e.ts)
+                    conn.execute(_INSERT_EVENTS + ", ".join([_ROW] * len(chunk)), params)
+                last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            return last
+
+        last = await self._run(run)
+        # The transaction held the write lock, so AUTOINCREMENT gave the batch consecutive
+        # ids (each is one above the highest ever given) ending at the last insert's.
+        first = last - len(events) + 1
+        return [
+            StoredEvent(first + n, e.app_id, e.device_id, e.type, e.data, e.ts)
+            for n, e in enumerate(events)
+        ]
+
+    async def read_events(
+        self,
+        app_id: str,
+        after_id: int,
+        limit: int,
+        devices: Collection[str] | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events of the app after ``after_id``, oldest first, filtered."""
+        sql = "SELECT id, app_id, device_id, type, data, ts FROM events WHERE app_id = ? AND id > ?"
+        params: list[Any] = [app_id, after_id]
+        for column, values in (("device_id", devices), ("type", types)):
+            if values is not None:
+                values = list(values)
+                sql += f" AND {column} IN ({', '.join('?' * len(values))})"
+                params += values
+        sql += " ORDER BY id LIMIT ?"
+        params.append(max(limit, 0))
+
+        def run(conn: sqlite3.Connection) -> list[StoredEvent]:
+            return [
+                StoredEvent(int(r[0]), r[1], r[2], r[3], bytes(r[4]), float(r[5]))
+                for r in conn.execute(sql, params)
+            ]
+
+        return await self._run(run)
+
+    async def last_event_id(self) -> int:
+        """The highest event id ever given (0 when none was)."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._run(run)
+
+    async def trim_events(
+        self, max_per_app: int, older_than: float, app_ids: Collection[str] | None = None
+    ) -> int:
+        """Delete events older than ``older_than`` and each app's oldest beyond the count."""
+
+        def apps(conn: sqlite3.Connection) -> list[str]:
+            return [str(r[0]) for r in conn.execute(_EVENT_APPS)]
+
+        def cutoff(conn: sqlite3.Connection, app_id: str) -> int | None:
+            # The newest id that falls outside the app's ``max_per_app`` newest events.
+            row = conn.execute(
+                "SELECT id FROM events WHERE app_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                (app_id, max_per_app),
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        deleted = 0
+        for app_id in await self._run(apps) if app_ids is None else sorted(app_ids):
+            last = await self._run(functools.partial(cutoff, app_id=app_id))
+            if last is not None:
+                deleted += await self._delete_chunks(
+                    "SELECT id FROM events WHERE app_id = ? AND id <= ?", (app_id, last)
+                )
+        deleted += await self._delete_chunks("SELECT id FROM events WHERE ts < ?", (older_than,))
+        return deleted
+
+    async def _delete_chunks(self, select: str, params: tuple[Any, ...]) -> int:
+        """Delete the rows ``select`` names, ``_TRIM_CHUNK`` at a time; return how many."""
+        sql = f"DELETE FROM events WHERE id IN ({select} LIMIT {_TRIM_CHUNK})"
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
+
+        total = 0
+        while True:
+            count = await self._run(run)
+            total += count
+            if count < _TRIM_CHUNK:
+                return total

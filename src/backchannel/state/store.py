@@ -7,6 +7,7 @@ only *hashes* of secrets; it never sees a plaintext secret or key.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +65,29 @@ class TunnelName:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append to the log: the store gives it an id."""
+
+    app_id: str
+    device_id: str
+    type: str
+    data: bytes
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event in the log, with the id the store gave it (increasing, never reused)."""
+
+    id: int
+    app_id: str
+    device_id: str
+    type: str
+    data: bytes
+    ts: float
+
+
 class Store(Protocol):
     """Durable state. Every method is a coroutine and safe to call from the event loop.
 
@@ -77,7 +101,11 @@ class Store(Protocol):
         ``extend_tunnel_token`` changes only an existing token.
       - ``claim_tunnel_name`` inserts the name unless it exists, and returns the record that
         holds the name afterwards (the caller compares owners).
-      - ``delete_app`` also deletes the app's tunnel names.
+      - ``delete_app`` also deletes the app's tunnel names and events.
+      - Event ids are integers from 1, increasing in the order of ``append_events`` (within a
+        batch too) across every application, and never reused, even after a trim or a
+        restart; ``last_event_id`` is the highest id ever given.
+      - ``append_events`` writes its whole batch or nothing (one transaction).
       - Data written before ``close()`` is readable after a new ``open()`` on the same
         location (except for the memory store, which keeps nothing).
     """
@@ -155,4 +183,38 @@ class Store(Protocol):
 
     async def delete_tunnel_name(self, name: str) -> bool:
         """Release a name; False when it was not reserved."""
+        ...
+
+    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
+        """Append a batch in one transaction; return it with its ids, in the same order."""
+        ...
+
+    async def read_events(
+        self,
+        app_id: str,
+        after_id: int,
+        limit: int,
+        devices: Collection[str] | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events of the app with ``id > after_id``, oldest first.
+
+        ``devices`` and ``types``, when given, keep only events whose ``device_id`` (and
+        ``type``) is one of them.
+        """
+        ...
+
+    async def last_event_id(self) -> int:
+        """The highest event id ever given (0 when none was), trimmed events included."""
+        ...
+
+    async def trim_events(
+        self, max_per_app: int, older_than: float, app_ids: Collection[str] | None = None
+    ) -> int:
+        """Delete events with ``ts < older_than``, and each app's oldest beyond ``max_per_app``.
+
+        ``app_ids`` limits the count rule to those applications (the ones that received
+        events since the last trim); None applies it to every application. The age rule
+        always applies to all. Returns how many events were deleted.
+        """
         ...
