@@ -101,6 +101,9 @@ class ResponseSink(Protocol):
     async def finish(self) -> None:
         """End the body."""
 
+    async def whole(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Send a complete answer at once (instead of start, write and finish)."""
+
     async def accept_websocket(self, protocol: str | None) -> PublicSocket:
         """Complete the caller's WebSocket upgrade (after the client's 101)."""
 

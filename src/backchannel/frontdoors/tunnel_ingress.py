@@ -179,6 +179,21 @@ class HttpSink:
         assert self.response is not None
         await self.response.write_eof()
 
+    async def whole(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """A complete answer: head and body leave in one write."""
+        response = web.Response(status=status, body=body if not self._bodyless else None)
+        for name, value in headers:
+            if name.lower() != "content-length":  # web.Response sets it from the body
+                response.headers.add(name, value)
+        if self._bodyless or status in (204, 304) or status < 200:
+            # A HEAD answer keeps the local service's Content-Length; no body is sent.
+            for name, value in headers:
+                if name.lower() == "content-length":
+                    response.headers[name] = value
+        self.response = response
+        await response.prepare(self._request)
+        await response.write_eof()
+
     async def accept_websocket(self, protocol: str | None) -> PublicWebSocket:
         """Complete the caller's WebSocket handshake."""
         ws = web.WebSocketResponse(protocols=(protocol,) if protocol else (), autoping=True)
@@ -312,17 +327,17 @@ class TunnelIngress:
             websocket=upgrade and request.method == "GET",
         )
         sink = HttpSink(request)
-        exchange = asyncio.ensure_future(
-            client.exchange(tunnel_request, RequestBody(request, limit), sink, self._timeout)
-        )
-        watcher = asyncio.get_running_loop().create_task(_watch_caller(request, exchange))
+        watch = _CallerWatch(request)
         try:
-            await exchange
+            await client.exchange(tunnel_request, RequestBody(request, limit), sink, self._timeout)
         except asyncio.CancelledError:
-            if not exchange.cancelled() or _current_task_cancelling():
+            if not watch.fired:
                 raise
-            # The caller went away; the exchange was cancelled, which reset the stream so
-            # the agent aborts its local request. Nobody is left to read an answer.
+            # The caller went away; cancelling the exchange reset the stream, so the agent
+            # aborts its local request. Nobody is left to read an answer.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             metrics.TUNNEL_REQUESTS.labels("caller_gone").inc()
             return sink.response or web.Response(status=499)
         except ForwardFailed as exc:
@@ -340,30 +355,46 @@ class TunnelIngress:
             metrics.TUNNEL_REQUESTS.labels("cut_off").inc()
             return sink.response
         finally:
-            watcher.cancel()
+            watch.stop()
         metrics.TUNNEL_REQUESTS.labels("ok").inc()
         assert sink.response is not None
         return sink.response
 
 
-async def _watch_caller(request: web.BaseRequest, exchange: asyncio.Future[None]) -> None:
-    """Cancel ``exchange`` when the caller's connection closes.
+class _CallerWatch:
+    """Cancels the handler's task when the caller's connection closes.
 
     aiohttp does not cancel handlers when a caller disconnects (handler_cancellation is
     off, deliberately: device calls must not be cut by an impatient app server). A tunnel
-    request waiting for its head would otherwise keep the local request running.
+    request waiting for its head would otherwise keep the local request running. A plain
+    timer, re-armed every CALLER_CHECK_INTERVAL, costs far less than a task per request.
     """
-    while not exchange.done():
-        await asyncio.sleep(CALLER_CHECK_INTERVAL)
-        transport = request.transport
+
+    __slots__ = ("_handle", "_request", "_task", "fired")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+        self._task = asyncio.current_task()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            CALLER_CHECK_INTERVAL, self._check
+        )
+
+    def _check(self) -> None:
+        transport = self._request.transport
         if transport is None or transport.is_closing():
-            exchange.cancel()
+            self.fired = True
+            self._handle = None
+            if self._task is not None:
+                self._task.cancel()
             return
+        self._handle = asyncio.get_running_loop().call_later(CALLER_CHECK_INTERVAL, self._check)
 
-
-def _current_task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    def stop(self) -> None:
+        """The request is over."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _cut(request: web.BaseRequest) -> None:

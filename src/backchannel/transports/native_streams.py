@@ -96,6 +96,14 @@ class ServerStream:
         self._readable.set()
         self._credit.set()
 
+    def take_rest_if_complete(self) -> bytes | None:
+        """Everything left, if the device already sent its FIN (else None, nothing taken)."""
+        if self._error is not None or not self._remote_fin:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
     @property
     def finished(self) -> bool:
         """True once both directions ended or the stream was reset."""

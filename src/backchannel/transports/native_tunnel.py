@@ -139,6 +139,11 @@ class NativeTunnelClient:
             if request.websocket and answer.status == 101:
                 await _pass_websocket(stream, sink, answer, rest)
                 return
+            tail = stream.take_rest_if_complete()
+            if tail is not None:
+                # The whole answer is already here (the common small response): one write.
+                await sink.whole(answer.status, strip_hop_by_hop(answer.headers), rest + tail)
+                return
             await sink.start(answer.status, strip_hop_by_hop(answer.headers))
             if rest:
                 await sink.write(rest)

@@ -152,13 +152,7 @@ class Socket2meClient:
             ),
             timeout,
         )
-        headers = answer.headers
-        if answer.status not in (204, 304):
-            headers = [*headers, ("Content-Length", str(len(answer.body)))]
-        await sink.start(answer.status, headers)
-        if answer.body:
-            await sink.write(answer.body)
-        await sink.finish()
+        await sink.whole(answer.status, answer.headers, answer.body)
 
     def describe(self) -> dict[str, Any]:
         """Facts for the admin API."""

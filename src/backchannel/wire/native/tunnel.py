@@ -55,13 +55,19 @@ MAX_WS_MESSAGE = 1 << 30
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``headers`` without hop-by-hop fields, including those the Connection field names."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+    kept: list[tuple[str, str]] = []
+    named: set[str] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                named = named or set()
+                named.update(token.strip().lower() for token in value.split(","))
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(k, v) for k, v in kept if k.lower() not in named]
+    return kept
 
 
 @dataclass(slots=True)
