@@ -27,6 +27,7 @@ from backchannel.core.relay import Relay, RelayLimits
 from backchannel.core.tokens import TunnelTokens
 from backchannel.core.tunnel_names import TunnelNames
 from backchannel.core.tunnels import TunnelRegistry
+from backchannel.core.webhooks import WebhookPlanner
 from backchannel.frontdoors.admin import AdminApi
 from backchannel.frontdoors.app_api import AppApi
 from backchannel.frontdoors.app_websockets import AppWebSockets
@@ -35,7 +36,7 @@ from backchannel.frontdoors.event_stream import EventStream
 from backchannel.frontdoors.health import Health
 from backchannel.frontdoors.socket2me_tokens import Socket2meTokens
 from backchannel.frontdoors.tunnel_ingress import TunnelIngress
-from backchannel.frontdoors.webhooks import Webhooks
+from backchannel.frontdoors.webhooks import WebhookApi, Webhooks
 from backchannel.routing.broker import Broker
 from backchannel.routing.memory import MemoryBroker
 from backchannel.state.memory import MemoryStore
@@ -137,8 +138,22 @@ def build_app(
     sockets = AppWebSockets(relay, apps, api, max_message=config.max_body_size)
     sockets.add_routes(app)
     sockets.attach()
-    webhooks = app[WEBHOOKS] = Webhooks(apps, clock)
-    relay.on_event(webhooks.on_event)
+    webhooks = app[WEBHOOKS] = Webhooks(
+        store,
+        apps,
+        clock,
+        timeout=config.webhook_timeout,
+        backoff=config.webhook_backoff,
+        max_backoff=config.webhook_max_backoff,
+        max_attempts=config.webhook_max_attempts,
+        concurrency=config.webhook_concurrency,
+        poll_interval=config.webhook_poll_interval,
+        retention=config.webhook_retention_seconds,
+    )
+    planner = WebhookPlanner(store, apps, clock)
+    planner.on_enqueued = webhooks.wake
+    relay.on_call(planner.on_call)
+    WebhookApi(store, api, webhooks, clock).add_routes(app)
     events = app[EVENTS] = EventLog(
         store,
         clock,
@@ -146,6 +161,7 @@ def build_app(
             retention_count=config.event_retention_count,
             retention_seconds=config.event_retention_seconds,
         ),
+        outbox=planner,
     )
     events.attach(relay)
     app[EVENT_STREAM] = EventStream(events, api)
@@ -188,6 +204,7 @@ def build_app(
         if generated is not None:
             app[GENERATED_ADMIN_TOKEN] = generated
         await names.init_secret()
+        await planner.start()
         await events.start()
         relay.start()
         tokens.start()
@@ -195,6 +212,7 @@ def build_app(
         await tokens.stop()
         # After the relay closed the sessions: their "offline" records are written too.
         await events.stop()
+        await planner.stop()
         await broker.stop()
         await store.close()
 

@@ -74,6 +74,21 @@ class Config(BaseSettings):
     event_retention_seconds: float = Field(
         7 * 86400.0, gt=0, description="Age after which a stored event is deleted (s)"
     )
+    webhook_max_attempts: int = Field(
+        12, ge=1, description="Webhook delivery attempts before a delivery is dead"
+    )
+    webhook_backoff: float = Field(1.0, gt=0, description="First webhook retry delay (s)")
+    webhook_max_backoff: float = Field(300.0, gt=0, description="Cap on webhook retry delays (s)")
+    webhook_timeout: float = Field(10.0, gt=0, description="Timeout of one webhook POST (s)")
+    webhook_concurrency: int = Field(
+        32, ge=1, description="Webhook POSTs in flight at most (one per device at a time)"
+    )
+    webhook_poll_interval: float = Field(
+        1.0, gt=0, description="How often the outbox is checked for due retries (s)"
+    )
+    webhook_retention_seconds: float = Field(
+        86400.0, gt=0, description="How long delivered outbox rows are kept (s)"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")

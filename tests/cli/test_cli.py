@@ -33,6 +33,7 @@ APP_KEYS = {
     "app_id",
     "name",
     "webhook_url",
+    "webhook_kinds",
     "default_timeout",
     "allow_open_attach",
     "allowed_devices",
@@ -182,6 +183,15 @@ class TestLocalApps:
         assert new["allowed_devices"] == []
         both = local("apps", "update", app_id, "--allow-device", "X", "--clear-allowed-devices")
         assert both.exit_code == 2
+
+    def test_webhook_kinds(self, local: Local) -> None:
+        app = local.create("demo")
+        assert app["webhook_kinds"] == ["event"]
+        app = local.create("demo", "--webhook-kind", "call", "--webhook-kind", "presence")
+        assert app["webhook_kinds"] == ["presence", "call"]
+        new = as_json(local("apps", "update", app["app_id"], "--webhook-kind", "event", "--json"))
+        assert new["webhook_kinds"] == ["event"]
+        assert local("apps", "create", "x", "--webhook-kind", "bogus").exit_code == 2
 
     def test_update_needs_a_change(self, local: Local) -> None:
         app = local.create()
@@ -355,6 +365,8 @@ class TestRemote:
         assert new["allowed_devices"] == ["D4"]
         new = as_json(await run("apps", "update", app_id, "--clear-allowed-devices", "--json"))
         assert new["allowed_devices"] == []
+        new = as_json(await run("apps", "update", app_id, "--webhook-kind", "presence", "--json"))
+        assert new["webhook_kinds"] == ["presence"]
 
         rotated = as_json(await run("apps", "rotate-secret", app_id, "--json"))
         assert set(rotated) == {"app_id", "secret"}

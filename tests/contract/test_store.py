@@ -16,9 +16,13 @@ from backchannel.state import sqlite as sqlite_module
 from backchannel.state.memory import MemoryStore
 from backchannel.state.sqlite import MIGRATIONS, SqliteStore
 from backchannel.state.store import (
+    DEAD,
+    DELIVERED,
+    PENDING,
     AlreadyExists,
     AppRecord,
     DeviceCredential,
+    NewDelivery,
     NewEvent,
     Store,
     StoredEvent,
@@ -84,6 +88,7 @@ async def test_app_round_trips_every_field(store: Store) -> None:
         default_timeout=2.5,
         allow_open_attach=True,
         allowed_devices=("dev-1", "dév-2", ""),
+        webhook_kinds=("event", "presence", "call"),
     )
     bare = app("a2")
     await store.create_app(full)
@@ -347,6 +352,7 @@ async def test_sqlite_file_uses_wal_and_schema_version(tmp_path: Path) -> None:
         "tunnel_tokens",
         "tunnel_names",
         "events",
+        "webhook_outbox",
     } <= tables
 
 
@@ -526,3 +532,91 @@ async def test_sqlite_upgrades_an_older_schema(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+def dl(
+    app_id: str = "a1",
+    device_id: str = "d1",
+    body: bytes = b"b",
+    at: float = 1.0,
+    kind: str = "event",
+) -> NewDelivery:
+    """A new outbox row with filler fields."""
+    return NewDelivery(app_id, device_id, kind, "name", body, at)
+
+
+class TestOutbox:
+    """The webhook outbox: per-device order, retries, dead letters, purge."""
+
+    async def test_append_events_enqueues_in_the_same_batch(self, store: Store) -> None:
+        stored = await store.append_events(
+            [ev(data=b"1"), ev(data=b"2"), ev(data=b"3")], [dl(body=b"1"), None, dl(body=b"3")]
+        )
+        due = await store.due_deliveries(10.0, 10)
+        assert [d.event_id for d in due] == [stored[0].id]  # one device: only its oldest row
+        assert due[0].state == PENDING and due[0].attempts == 0 and due[0].body == b"1"
+        await store.mark_delivered(due[0].id, 1, 200)
+        due = await store.due_deliveries(10.0, 10)
+        assert [(d.event_id, d.body) for d in due] == [(stored[2].id, b"3")]
+
+    async def test_due_is_oldest_pending_per_device_and_time(self, store: Store) -> None:
+        ids = await store.enqueue_deliveries(
+            [dl(device_id="d1", at=1.0), dl(device_id="d2", at=5.0), dl(device_id="d1", at=0.5)]
+        )
+        assert ids == sorted(ids) and len(set(ids)) == 3
+        assert [d.id for d in await store.due_deliveries(2.0, 10)] == [ids[0]]
+        assert [d.id for d in await store.due_deliveries(5.0, 10)] == ids[:2]
+        assert [d.id for d in await store.due_deliveries(5.0, 1)] == ids[:1]
+        # A rescheduled head blocks its device (order), not the others.
+        await store.reschedule_delivery(ids[0], 1, 100.0, 500, "HTTP 500")
+        assert [d.id for d in await store.due_deliveries(50.0, 10)] == [ids[1]]
+        (head,) = await store.due_deliveries(100.0, 1)
+        assert (head.attempts, head.last_status, head.last_error) == (1, 500, "HTTP 500")
+
+    async def test_dead_letters_and_retry(self, store: Store) -> None:
+        ids = await store.enqueue_deliveries([dl(), dl(), dl(app_id="a2")])
+        await store.mark_dead(ids[0], 3, None, "ClientConnectorError")
+        # The dead row no longer blocks the device.
+        assert [d.id for d in await store.due_deliveries(9.0, 10)] == [ids[1], ids[2]]
+        (dead,) = await store.list_dead_deliveries("a1", 10)
+        assert (dead.id, dead.state, dead.attempts, dead.last_status, dead.last_error) == (
+            ids[0], DEAD, 3, None, "ClientConnectorError",
+        )  # fmt: skip
+        assert await store.list_dead_deliveries("a2", 10) == []
+        assert await store.count_deliveries("a1") == {PENDING: 1, DELIVERED: 0, DEAD: 1}
+        assert not await store.retry_dead_delivery("a2", ids[0], 5.0)  # another app's row
+        assert not await store.retry_dead_delivery("a1", ids[1], 5.0)  # not dead
+        assert await store.retry_dead_delivery("a1", ids[0], 5.0)
+        (head, _) = await store.due_deliveries(9.0, 10)
+        assert (head.id, head.state, head.attempts, head.next_attempt_at) == (
+            ids[0], PENDING, 0, 5.0,
+        )  # fmt: skip
+
+    async def test_purge_and_delete_app(self, store: Store) -> None:
+        ids = await store.enqueue_deliveries([dl(at=1.0), dl(at=2.0), dl(at=3.0, app_id="a2")])
+        await store.mark_delivered(ids[0], 1, 204)
+        await store.mark_delivered(ids[1], 1, 200)
+        assert await store.purge_deliveries(1.5) == 1
+        assert await store.count_deliveries("a1") == {PENDING: 0, DELIVERED: 1, DEAD: 0}
+        await store.create_app(app("a2"))
+        await store.delete_app("a2")
+        assert await store.due_deliveries(9.0, 10) == []
+
+
+async def test_sqlite_outbox_survives_reopen(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "db.sqlite")
+    await first.open()
+    await first.append_events([ev(), ev()], [dl(body=b"\x00\xff"), dl()])
+    await first.close()
+    second = SqliteStore(tmp_path / "db.sqlite")
+    await second.open()
+    try:
+        (head,) = await second.due_deliveries(9.0, 10)
+        assert (head.event_id, head.body, head.kind, head.event_name) == (
+            1,
+            b"\x00\xff",
+            "event",
+            "name",
+        )
+    finally:
+        await second.close()

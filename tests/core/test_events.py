@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 
 import orjson
@@ -16,7 +16,7 @@ from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason, SessionStats
 from backchannel.routing.memory import MemoryBroker
 from backchannel.state.memory import MemoryStore
-from backchannel.state.store import NewEvent, StoredEvent
+from backchannel.state.store import NewDelivery, NewEvent, StoredEvent
 from tests.conftest import wait_for
 
 
@@ -42,14 +42,16 @@ class SpyStore(MemoryStore):
         self.gate: asyncio.Event | None = None
         self.failures = 0
 
-    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
+    async def append_events(
+        self, events: list[NewEvent], outbox: Sequence[NewDelivery | None] | None = None
+    ) -> list[StoredEvent]:
         self.batches.append(list(events))
         if self.gate is not None:
             await self.gate.wait()
         if self.failures:
             self.failures -= 1
             raise OSError("disk trouble")
-        return await super().append_events(events)
+        return await super().append_events(events, outbox)
 
     async def all(self, app_id: str = "a") -> list[StoredEvent]:
         return await self.read_events(app_id, 0, 1_000_000)
@@ -386,3 +388,41 @@ class TestRetention:
             assert calls == [None, {"a", "b"}, set()]
         finally:
             await log.stop()
+
+
+class FakePlanner:
+    """Asks for an outbox row for every event named "hook"."""
+
+    def __init__(self) -> None:
+        self.enqueued_calls = 0
+
+    async def plan(self, batch: list[NewEvent]) -> list[NewDelivery | None] | None:
+        rows: list[NewDelivery | None] = [
+            NewDelivery(e.app_id, e.device_id, "event", e.name, e.data, e.ts)
+            if e.name == "hook"
+            else None
+            for e in batch
+        ]
+        return rows if any(rows) else None
+
+    def enqueued(self) -> None:
+        self.enqueued_calls += 1
+
+
+async def test_outbox_rows_go_with_their_events(store: SpyStore, clock: FakeClock) -> None:
+    planner = FakePlanner()
+    event_log = EventLog(store, clock, outbox=planner)
+    await event_log.start()
+    try:
+        event_log.on_event("a", "d", "plain", b"1")
+        event_log.on_event("a", "d", "hook", b"2")
+        await event_log.drain()
+        assert len(store.batches) == 1 and planner.enqueued_calls == 1
+        stored = await store.all()
+        (row,) = await store.due_deliveries(clock.time() + 1, 10)
+        assert (row.event_id, row.body, row.event_name) == (stored[1].id, b"2", "hook")
+        event_log.on_event("a", "d", "plain", b"3")
+        await event_log.drain()
+        assert planner.enqueued_calls == 1  # no rows, no wake-up
+    finally:
+        await event_log.stop()

@@ -92,6 +92,8 @@ def _settings_body(settings: AppSettings) -> JSON:
     body: JSON = {}
     if settings.webhook_url is not None:
         body["webhook_url"] = settings.webhook_url
+    if settings.webhook_kinds is not None:
+        body["webhook_kinds"] = list(settings.webhook_kinds)
     if settings.default_timeout is not None:
         body["default_timeout"] = settings.default_timeout
     if settings.allow_open_attach is not None:

@@ -28,7 +28,7 @@ from backchannel.cli.output import (
     print_table,
     timestamp,
 )
-from backchannel.core.apps import AppSettings
+from backchannel.core.apps import WEBHOOK_KINDS, AppSettings
 from backchannel.state.store import StoreError
 
 T = TypeVar("T")
@@ -117,6 +117,7 @@ def _app_fields(app: JSON) -> list[tuple[str, Any]]:
         ("app id", app["app_id"]),
         ("name", app["name"]),
         ("webhook", app.get("webhook_url")),
+        ("webhook kinds", app.get("webhook_kinds")),
         ("default timeout (s)", app.get("default_timeout")),
         ("open attach", app.get("allow_open_attach")),
         ("allowed devices", app.get("allowed_devices")),
@@ -129,9 +130,11 @@ def _settings(
     default_timeout: float | None,
     allow_open_attach: bool | None,
     allowed_devices: tuple[str, ...] | None = None,
+    webhook_kinds: tuple[str, ...] | None = None,
 ) -> AppSettings:
     return AppSettings(
         webhook_url=webhook,
+        webhook_kinds=webhook_kinds or None,
         default_timeout=default_timeout,
         allow_open_attach=allow_open_attach,
         allowed_devices=allowed_devices,
@@ -157,6 +160,13 @@ def apps() -> None:
     help="URL that receives the app's device events, signed (see docs/cometa.md#webhooks).",
 )
 @click.option(
+    "--webhook-kind",
+    "webhook_kinds",
+    multiple=True,
+    type=click.Choice(WEBHOOK_KINDS),
+    help="What the webhook receives (repeatable; default: event). See docs/api.md#webhooks.",
+)
+@click.option(
     "--default-timeout", type=_timeout_type, metavar="S", help="Call timeout for this app."
 )
 @click.option("--allow-open-attach", is_flag=True, help="Let any device id connect without a key.")
@@ -172,6 +182,7 @@ def apps() -> None:
 def create_app(
     name: str,
     webhook: str | None,
+    webhook_kinds: tuple[str, ...],
     default_timeout: float | None,
     allow_open_attach: bool,
     allowed_devices: tuple[str, ...],
@@ -179,7 +190,9 @@ def create_app(
     target: Target,
 ) -> None:
     """Create an application and print its id and secret (the secret is shown only once)."""
-    settings = _settings(webhook, default_timeout, allow_open_attach, allowed_devices)
+    settings = _settings(
+        webhook, default_timeout, allow_open_attach, allowed_devices, webhook_kinds
+    )
     app = run_backend(target, lambda b: b.create_app(name, settings), create=True)
     if as_json:
         print_json(app)
@@ -230,6 +243,13 @@ def show_app(app_id: str, as_json: bool, target: Target) -> None:
 @apps.command("update", epilog=BACKENDS_HELP)
 @click.argument("app_id", metavar="APP")
 @click.option("--webhook", metavar="URL", help="New webhook URL ('' removes it).")
+@click.option(
+    "--webhook-kind",
+    "webhook_kinds",
+    multiple=True,
+    type=click.Choice(WEBHOOK_KINDS),
+    help="What the webhook receives (repeatable; replaces the list). See docs/api.md#webhooks.",
+)
 @click.option("--default-timeout", type=_timeout_type, metavar="S", help="New call timeout.")
 @click.option(
     "--allow-open-attach/--no-allow-open-attach",
@@ -249,6 +269,7 @@ def show_app(app_id: str, as_json: bool, target: Target) -> None:
 def update_app(
     app_id: str,
     webhook: str | None,
+    webhook_kinds: tuple[str, ...],
     default_timeout: float | None,
     allow_open_attach: bool | None,
     allowed_devices: tuple[str, ...],
@@ -262,15 +283,16 @@ def update_app(
     new_list = () if clear_allowed_devices else (allowed_devices or None)
     if (
         webhook is None
+        and not webhook_kinds
         and default_timeout is None
         and allow_open_attach is None
         and new_list is None
     ):
         raise click.UsageError(
-            "nothing to change: give --webhook, --default-timeout, --[no-]allow-open-attach, "
-            "--allow-device or --clear-allowed-devices"
+            "nothing to change: give --webhook, --webhook-kind, --default-timeout, "
+            "--[no-]allow-open-attach, --allow-device or --clear-allowed-devices"
         )
-    settings = _settings(webhook, default_timeout, allow_open_attach, new_list)
+    settings = _settings(webhook, default_timeout, allow_open_attach, new_list, webhook_kinds)
     app = run_backend(target, lambda b: b.update_app(app_id, settings))
     if as_json:
         print_json(app)

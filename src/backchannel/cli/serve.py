@@ -42,6 +42,14 @@ from backchannel.config import load_config
 @click.option(
     "--event-retention-seconds", type=float, help="Age at which events are deleted [604800]."
 )
+@click.option("--webhook-max-attempts", type=int, help="Webhook attempts before dead [12].")
+@click.option("--webhook-backoff", type=float, help="First webhook retry delay (s) [1].")
+@click.option("--webhook-max-backoff", type=float, help="Cap on webhook retry delays (s) [300].")
+@click.option("--webhook-timeout", type=float, help="Timeout of one webhook POST (s) [10].")
+@click.option("--webhook-concurrency", type=int, help="Webhook POSTs in flight at most [32].")
+@click.option(
+    "--webhook-retention-seconds", type=float, help="Keep delivered outbox rows (s) [86400]."
+)
 @click.option("--shutdown-grace", type=float, help="Seconds for calls in flight at exit [10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=None, help="Log each request.")

@@ -65,6 +65,8 @@ class AppSettings:
     allow_open_attach: bool | None = None
     allowed_devices: tuple[str, ...] | None = None
     name: str | None = None
+    #: What the webhook receives: any of ``event``, ``presence``, ``call``.
+    webhook_kinds: tuple[str, ...] | None = None
     clear: tuple[str, ...] = ()
 
 
@@ -73,7 +75,10 @@ _CLEARED: dict[str, object] = {
     "default_timeout": None,
     "allow_open_attach": False,
     "allowed_devices": (),
+    "webhook_kinds": ("event",),
 }
+#: The kinds of webhook an application can take.
+WEBHOOK_KINDS = ("event", "presence", "call")
 
 
 def _check_name(name: str) -> str:
@@ -92,9 +97,19 @@ def _check_settings(settings: AppSettings) -> None:
     t = settings.default_timeout
     if t is not None and not (0 < t <= 86400):
         raise InvalidInput("default_timeout must be between 0 and 86400 seconds")
+    kinds = settings.webhook_kinds
+    if kinds is not None:
+        bad = sorted(set(kinds) - set(WEBHOOK_KINDS))
+        if bad:
+            raise InvalidInput(f"webhook_kinds: unknown kind(s) {', '.join(bad)}")
     for device_id in settings.allowed_devices or ():
         if not valid_device_id(device_id):
             raise InvalidInput(f"allowed_devices: {device_id!r} is not a valid device id")
+
+
+def _kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """Deduplicated, in the canonical order."""
+    return tuple(k for k in WEBHOOK_KINDS if k in kinds)
 
 
 class AppService:
@@ -150,6 +165,7 @@ class AppService:
                 default_timeout=settings.default_timeout,
                 allow_open_attach=bool(settings.allow_open_attach),
                 allowed_devices=settings.allowed_devices or (),
+                webhook_kinds=_kinds(settings.webhook_kinds or ("event",)),
             )
             try:
                 await self._store.create_app(app)
@@ -192,6 +208,8 @@ class AppService:
         changes = {
             k: v for k, v in dataclasses.asdict(settings).items() if v is not None and k != "clear"
         }
+        if "webhook_kinds" in changes:
+            changes["webhook_kinds"] = _kinds(changes["webhook_kinds"])
         if "name" in changes:
             changes["name"] = _check_name(changes["name"])
         if changes.get("webhook_url") == "":

@@ -29,6 +29,10 @@ seconds), and ``replaced``: on a takeover, the id of the session the new one rep
 (``null`` otherwise). A takeover gives one ``online: true`` record and no ``online: false``,
 because the device never went offline.
 
+**Webhooks.** An :class:`OutboxPlanner` (``backchannel.core.webhooks``), when given, names
+the webhook outbox rows of each batch, and the store writes them in the same transaction as
+the events: a stored event always has its delivery stored.
+
 **Retention** is by count per application and by age; a background task trims every
 ``trim_interval`` seconds, so an application can briefly hold more than the count.
 """
@@ -40,7 +44,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -48,7 +52,7 @@ from backchannel.core import metrics
 from backchannel.core.clock import Clock
 from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason, Session
-from backchannel.state.store import NewEvent, Store, StoredEvent
+from backchannel.state.store import NewDelivery, NewEvent, Store, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,18 @@ class EventSettings:
     #: A subscriber with more than this queued is dropped (a single event always fits).
     queue_events: int = 100_000
     queue_bytes: int = 64 * MiB
+
+
+class OutboxPlanner(Protocol):
+    """Decides the webhook outbox rows written with a batch of events (the same transaction)."""
+
+    async def plan(self, batch: list[NewEvent]) -> list[NewDelivery | None] | None:
+        """One row or None per event; None when the batch has no row at all."""
+        ...
+
+    def enqueued(self) -> None:
+        """Called after a batch with outbox rows is stored."""
+        ...
 
 
 class Subscription:
@@ -174,8 +190,15 @@ class Subscription:
 class EventLog:
     """Records upstream events and presence changes in the store and feeds subscribers."""
 
-    def __init__(self, store: Store, clock: Clock, settings: EventSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        settings: EventSettings | None = None,
+        outbox: OutboxPlanner | None = None,
+    ) -> None:
         self._store = store
+        self._outbox = outbox
         self._clock = clock
         self.settings = settings or EventSettings()
         self._pending: list[NewEvent] = []
@@ -254,7 +277,8 @@ class EventLog:
 
     def on_event(self, app_id: str, device_id: str, name: str, data: bytes) -> None:
         """Relay listener: record an upstream event."""
-        self._record(NewEvent(app_id, device_id, event_type(name), data, self._clock.time()))
+        now = self._clock.time()
+        self._record(NewEvent(app_id, device_id, event_type(name), data, now, name))
 
     def on_connect(self, app_id: str, device_id: str, session: Session) -> None:
         """Relay listener: record ``online: true`` (a takeover names the replaced session)."""
@@ -349,7 +373,12 @@ class EventLog:
     async def _append(self, batch: list[NewEvent]) -> list[StoredEvent]:
         for delay in (*_RETRY_DELAYS, None):
             try:
-                stored = await self._store.append_events(batch)
+                # Planned on every attempt: the store may be what failed the app lookups.
+                rows = await self._outbox.plan(batch) if self._outbox is not None else None
+                if rows:
+                    stored = await self._store.append_events(batch, rows)
+                else:
+                    stored = await self._store.append_events(batch)
             except Exception as exc:
                 if delay is None:
                     log.error("event log: dropped %d events the store refused", len(batch))
@@ -359,6 +388,8 @@ class EventLog:
                 await asyncio.sleep(delay)
             else:
                 metrics.EVENTS_STORED.inc(len(stored))
+                if rows and self._outbox is not None:
+                    self._outbox.enqueued()
                 return stored
         return []  # pragma: no cover - the loop always returns
 

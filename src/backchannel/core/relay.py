@@ -31,6 +31,9 @@ DisconnectListener = Callable[[str, str, CloseReason], None]
 #: Called when a session became the device's live session on this node, a takeover
 #: included: (app_id, device_id, session). Must not block.
 ConnectListener = Callable[[str, str, Session], None]
+#: Called when a call made through this node ends: (app_id, device_id, error code or None
+#: for a reply, duration in ms). Must not block.
+CallListener = Callable[[str, str, str | None, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class Relay:
         self._event_listeners: list[EventListener] = []
         self._disconnect_listeners: list[DisconnectListener] = []
         self._connect_listeners: list[ConnectListener] = []
+        self._call_listeners: list[CallListener] = []
         #: Open app WebSockets of a device on this node, for presence (set by the front door).
         self.websocket_counter: Callable[[str, str], int] | None = None
 
@@ -74,6 +78,18 @@ class Relay:
     def on_disconnect(self, listener: DisconnectListener) -> None:
         """Register a consumer of session ends (to close what depends on the device)."""
         self._disconnect_listeners.append(listener)
+
+    def on_call(self, listener: CallListener) -> None:
+        """Register a consumer of call outcomes (call-completion webhooks)."""
+        self._call_listeners.append(listener)
+
+    def _call_done(self, app_id: str, device_id: str, code: str | None, started: float) -> None:
+        duration_ms = (self.clock.monotonic() - started) * 1000.0
+        for listener in self._call_listeners:
+            try:
+                listener(app_id, device_id, code, duration_ms)
+            except Exception:
+                log.exception("call listener failed")
 
     @property
     def node_id(self) -> str:
@@ -207,6 +223,20 @@ class Relay:
         Raises:
             CallFailed: a subclass naming the outcome (offline, timeout, device error...).
         """
+        if not self._call_listeners:
+            return await self._call(app_id, device_id, body, method, timeout)
+        started = self.clock.monotonic()
+        try:
+            reply = await self._call(app_id, device_id, body, method, timeout)
+        except CallFailed as exc:
+            self._call_done(app_id, device_id, exc.code, started)
+            raise
+        self._call_done(app_id, device_id, None, started)
+        return reply
+
+    async def _call(
+        self, app_id: str, device_id: str, body: bytes, method: str, timeout: float
+    ) -> bytes:
         if self.closing:
             raise ShuttingDown("server shutting down")
         session = self.hub.get(app_id, device_id)

@@ -29,6 +29,7 @@ def app_json(app: AppRecord) -> dict[str, Any]:
         "app_id": app.app_id,
         "name": app.name,
         "webhook_url": app.webhook_url,
+        "webhook_kinds": list(app.webhook_kinds),
         "default_timeout": app.default_timeout,
         "allow_open_attach": app.allow_open_attach,
         "allowed_devices": list(app.allowed_devices),
@@ -49,7 +50,14 @@ def device_json(cred: DeviceCredential, online: bool) -> dict[str, Any]:
 
 def _settings(body: dict[str, Any]) -> AppSettings:
     """Validate the types of the settings fields of a request body."""
-    known = {"name", "webhook_url", "default_timeout", "allow_open_attach", "allowed_devices"}
+    known = {
+        "name",
+        "webhook_url",
+        "webhook_kinds",
+        "default_timeout",
+        "allow_open_attach",
+        "allowed_devices",
+    }
     unknown = sorted(set(body) - known)
     if unknown:
         raise ApiError(400, "invalid_field", f"unknown field(s): {', '.join(unknown)}")
@@ -67,15 +75,27 @@ def _settings(body: dict[str, Any]) -> AppSettings:
         not isinstance(allowed, list) or not all(isinstance(d, str) for d in allowed)
     ):
         raise ApiError(400, "invalid_field", "allowed_devices must be a list of device ids")
+    kinds = body.get("webhook_kinds")
+    if kinds is not None and (
+        not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds)
+    ):
+        raise ApiError(400, "invalid_field", "webhook_kinds must be a list of kinds")
     # An explicit null resets a field to its default; an absent field keeps its value.
     clear = tuple(
         k
-        for k in ("webhook_url", "default_timeout", "allowed_devices", "allow_open_attach")
+        for k in (
+            "webhook_url",
+            "webhook_kinds",
+            "default_timeout",
+            "allowed_devices",
+            "allow_open_attach",
+        )
         if k in body and body[k] is None
     )
     return AppSettings(
         clear=clear,
         webhook_url=url,
+        webhook_kinds=tuple(kinds) if kinds is not None else None,
         default_timeout=float(timeout) if timeout is not None else None,
         allow_open_attach=open_attach,
         allowed_devices=tuple(allowed) if allowed is not None else None,

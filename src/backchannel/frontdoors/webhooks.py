@@ -1,14 +1,18 @@
-"""Event webhooks (COMPAT.md, "Webhook"): every upstream event is POSTed to the app's URL.
+"""Webhooks (COMPAT.md, "Webhook"; docs/api.md, "Webhooks"): the outbox's delivery worker.
 
-The body is the raw event bytes (``application/octet-stream``), because the only known
-Cometa receiver reads the body as the event. The headers carry the rest:
+Each delivery is a row of the store's webhook outbox (``backchannel.core.webhooks`` decides
+which rows exist); this worker POSTs them. The body of an ``event`` delivery is the raw event
+bytes (``application/octet-stream``), because the only known Cometa receiver reads the body
+as the event; ``presence`` and ``call`` bodies are JSON. The headers carry the rest:
 
 - ``X-Backchannel-App``, ``X-Backchannel-Device``;
-- ``X-Backchannel-Event``: the event name (empty for Cometa devices), percent-encoded
-  outside visible ASCII and for ``%`` itself, so any name fits in a header;
+- ``X-Backchannel-Kind``: ``event``, ``presence`` or ``call``;
+- ``X-Backchannel-Event``: the event name (empty for Cometa devices; ``connect`` or
+  ``disconnect`` for presence, ``call`` for calls), percent-encoded outside visible ASCII
+  and for ``%`` itself, so any name fits in a header;
 - ``X-Backchannel-Timestamp``: unix seconds at this attempt;
-- ``X-Backchannel-Delivery``: a random id, the same on every retry of one event, so a
-  receiver can drop duplicates;
+- ``X-Backchannel-Delivery``: an id derived from the outbox row, the same on every retry
+  (and after a restart), so a receiver can drop duplicates;
 - ``X-Backchannel-Signature``: ``sha256=<hex HMAC-SHA256(key, timestamp + "." + body)>``.
 
 The signing key is ``sha256_hex(app secret)`` as ASCII, which the app computes from its
@@ -18,22 +22,26 @@ consequence: the stored hash is itself the signing key, so whoever reads the sto
 webhooks (though not call the API, which needs the plaintext); rotating the app secret
 rotates the key.
 
-Delivery never blocks the device: the listener appends to a bounded in-memory queue per
-application, and workers POST. Events of one device share a lane, so they arrive in order;
-lanes let one app's devices deliver concurrently. Queued events are lost at a restart; the
-durable outbox comes later.
+**Scheduling.** The store hands out, per (app, device), only the oldest pending row, and the
+worker runs at most one POST per device at a time, so a device's deliveries arrive in order;
+up to ``concurrency`` devices deliver in parallel. A 2xx marks the row delivered; anything
+else (status, connection error, 10 s timeout; redirects are not followed) reschedules it
+after ``backoff * 2**(attempts-1)`` seconds, capped at ``max_backoff``, until
+``max_attempts``, when the row is ``dead`` (listed and retried through the API). New rows
+wake the worker at once; a timer wakes it for each retry, and it polls every
+``poll_interval`` for anything else (rows left pending by a previous run). Devices never
+wait on any of it: rows are written by the event log's writer, off the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
-import secrets
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -43,12 +51,16 @@ from prometheus_client import Counter
 from backchannel import __version__
 from backchannel.core.apps import AppService
 from backchannel.core.clock import Clock
+from backchannel.core.webhooks import EVENT, backoff
+from backchannel.frontdoors.app_api import AppApi
+from backchannel.frontdoors.errors import ApiError, json_response
+from backchannel.state.store import PENDING, Delivery, Store
 
 log = logging.getLogger(__name__)
 
-DROPPED = Counter("backchannel_webhook_dropped", "Webhook events dropped from a full queue")
-DELIVERED = Counter("backchannel_webhook_delivered", "Webhook events the receiver took (2xx)")
-FAILED = Counter("backchannel_webhook_failed", "Webhook events given up after every attempt")
+DELIVERED = Counter("backchannel_webhook_delivered", "Webhook deliveries the receiver took (2xx)")
+RETRIED = Counter("backchannel_webhook_retried", "Webhook attempts that failed")
+FAILED = Counter("backchannel_webhook_failed", "Webhook deliveries given up (dead letters)")
 
 # Visible ASCII but ``%`` passes through unchanged; everything else is percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
@@ -61,98 +73,69 @@ def signature(key_hash: str, timestamp: str, body: bytes) -> str:
     return mac.hexdigest()
 
 
-@dataclass(slots=True)
-class _Event:
-    seq: int
-    app_id: str
-    device_id: str
-    name: str
-    data: bytes
-
-
-class _AppQueue:
-    """One application's pending events, in lanes by device, and a worker per busy lane."""
-
-    __slots__ = ("lanes", "nbytes", "size", "workers")
-
-    def __init__(self, lanes: int) -> None:
-        self.lanes: list[deque[_Event]] = [deque() for _ in range(lanes)]
-        self.workers: list[asyncio.Task[None] | None] = [None] * lanes
-        self.size = 0
-        self.nbytes = 0
-
-    def pop(self, lane: int) -> _Event:
-        event = self.lanes[lane].popleft()
-        self.size -= 1
-        self.nbytes -= len(event.data)
-        return event
-
-    def drop_oldest(self) -> None:
-        oldest = min((i for i, lane in enumerate(self.lanes) if lane), key=self._head_seq)
-        self.pop(oldest)
-
-    def _head_seq(self, lane: int) -> int:
-        return self.lanes[lane][0].seq
-
-    def idle(self) -> bool:
-        return self.size == 0 and all(w is None for w in self.workers)
+def delivery_id(row: Delivery) -> str:
+    """The ``X-Backchannel-Delivery`` of a row: stable across retries and restarts."""
+    seed = f"{row.app_id}/{row.id}/{row.created_at!r}".encode()
+    return hashlib.sha256(seed).hexdigest()[:32]
 
 
 class Webhooks:
-    """Queues upstream events of apps with a webhook URL and delivers them with retries."""
+    """Delivers the webhook outbox: in order per device, with retries, then dead letters."""
 
     def __init__(
         self,
+        store: Store,
         apps: AppService,
         clock: Clock,
         *,
-        max_events: int = 10_000,
-        max_bytes: int = 64 * 1024 * 1024,
-        lanes: int = 4,
         timeout: float = 10.0,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        attempts: int = 8,
-        hook_ttl: float = 2.0,
+        backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        max_attempts: int = 12,
+        concurrency: int = 32,
+        poll_interval: float = 1.0,
+        retention: float = 86400.0,
     ) -> None:
+        self._store = store
         self._apps = apps
         self._clock = clock
-        self._max_events = max_events
-        self._max_bytes = max_bytes
-        self._lanes = lanes
         self._timeout = timeout
         self._backoff = backoff
         self._max_backoff = max_backoff
-        self._attempts = attempts
-        self._hook_ttl = hook_ttl
+        self.max_attempts = max_attempts
+        self._concurrency = concurrency
+        self._poll = poll_interval
+        self._retention = retention
         self._session: aiohttp.ClientSession | None = None
-        self._queues: dict[str, _AppQueue] = {}
-        # app id -> (until, has a webhook): lets the listener skip apps without one
-        # synchronously; it is refreshed by every delivery attempt, so a webhook URL newly
-        # set on an app takes effect within ``hook_ttl`` plus the AppService cache time.
-        self._hooked: dict[str, tuple[float, bool]] = {}
-        self._seq = 0
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        # (app, device) -> the task delivering its head row.
+        self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._next_purge = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the HTTP client; events are taken from now on."""
+        """Open the HTTP client and start delivering (rows left pending included)."""
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers={"User-Agent": f"backchannel-webhooks/{__version__}"},
         )
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Cancel the workers and close the client; events still queued are lost."""
+        """Stop delivering; rows not yet delivered stay pending in the store."""
         session, self._session = self._session, None
-        workers = [w for q in self._queues.values() for w in q.workers if w is not None]
-        pending = sum(q.size for q in self._queues.values())
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        self._queues.clear()
-        if pending:
-            log.warning("webhooks stopped with %d undelivered events", pending)
+        tasks = [t for t in (self._loop_task, *self._busy.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop_task = None
+        self._busy.clear()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         if session is not None:
             await session.close()
 
@@ -162,98 +145,194 @@ class Webhooks:
         yield
         await self.stop()
 
-    # -- the relay listener ----------------------------------------------------------------
+    def wake(self) -> None:
+        """Look for due rows now (new rows were enqueued, or a retry is due)."""
+        self._wake.set()
 
-    def on_event(self, app_id: str, device_id: str, name: str, data: bytes) -> None:
-        """Queue an upstream event for its app's webhook; never blocks, never awaits."""
-        if self._session is None:
+    # -- scheduling ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._schedule()
+                await self._maybe_purge()
+            except Exception:
+                log.exception("webhooks: outbox scan failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
+
+    async def _schedule(self) -> None:
+        free = self._concurrency - len(self._busy)
+        if free <= 0:
             return
-        hooked = self._hooked.get(app_id)
-        if hooked is not None and not hooked[1] and hooked[0] > self._clock.monotonic():
+        # Busy devices' heads come back too (they are still pending): ask for that many more.
+        rows = await self._store.due_deliveries(self._clock.time(), free + len(self._busy))
+        loop = asyncio.get_running_loop()
+        for row in rows:
+            key = (row.app_id, row.device_id)
+            if key in self._busy:
+                continue
+            self._busy[key] = loop.create_task(self._attempt(key, row))
+            free -= 1
+            if free <= 0:
+                break
+
+    async def _maybe_purge(self) -> None:
+        now = self._clock.monotonic()
+        if now < self._next_purge:
             return
-        queue = self._queues.get(app_id)
-        if queue is None:
-            queue = self._queues[app_id] = _AppQueue(self._lanes)
-        while queue.size and (
-            queue.size >= self._max_events or queue.nbytes + len(data) > self._max_bytes
-        ):
-            queue.drop_oldest()
-            DROPPED.inc()
-        self._seq += 1
-        lane = hash(device_id) % self._lanes
-        queue.lanes[lane].append(_Event(self._seq, app_id, device_id, name, data))
-        queue.size += 1
-        queue.nbytes += len(data)
-        if queue.workers[lane] is None:
-            worker = asyncio.get_running_loop().create_task(self._work(app_id, queue, lane))
-            queue.workers[lane] = worker
+        self._next_purge = now + min(3600.0, max(60.0, self._retention / 10))
+        purged = await self._store.purge_deliveries(self._clock.time() - self._retention)
+        if purged:
+            log.debug("webhooks: purged %d delivered rows", purged)
+
+    def _wake_in(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(timer)
+            self._wake.set()
+
+        timer = loop.call_later(delay, fire)
+        self._timers.add(timer)
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def _work(self, app_id: str, queue: _AppQueue, lane: int) -> None:
+    async def _attempt(self, key: tuple[str, str], row: Delivery) -> None:
         try:
-            while queue.lanes[lane]:
-                event = queue.pop(lane)
-                try:
-                    await self._deliver(event)
-                except Exception:
-                    # Keep the lane moving: one bad event must not strand the ones behind it.
-                    log.exception("webhook delivery failed for %s/%s", app_id, event.device_id)
+            await self._deliver(row)
+        except Exception:
+            # The row stays as it was, and is tried again at the next scan.
+            log.exception("webhooks: delivery %d of %s/%s failed", row.id, *key)
+            self._wake_in(self._backoff)
         finally:
-            queue.workers[lane] = None
-            if queue.idle() and self._queues.get(app_id) is queue:
-                del self._queues[app_id]
+            if self._busy.get(key) is asyncio.current_task():
+                del self._busy[key]
+            self._wake.set()  # the device's next row may be due
 
-    async def _deliver(self, event: _Event) -> None:
-        delivery = secrets.token_hex(16)
-        outcome = ""
-        for attempt in range(1, self._attempts + 1):
-            # Looked up on every attempt: a changed URL or a rotated secret applies at once.
-            app = await self._apps.get(event.app_id)
-            url = app.webhook_url if app is not None else None
-            expires = self._clock.monotonic() + self._hook_ttl
-            self._hooked[event.app_id] = (expires, url is not None)
-            if app is None or url is None:
-                return  # the webhook was removed (or the app deleted) since the event
-            outcome = await self._post(url, app.secret_hash, event, delivery)
-            if not outcome:
-                DELIVERED.inc()
-                return
-            if attempt < self._attempts:
-                await asyncio.sleep(min(self._backoff * 2 ** (attempt - 1), self._max_backoff))
-        FAILED.inc()
-        # Never the body or the signature: the log is less protected than the receiver.
-        log.warning(
-            "webhook delivery %s of %s/%s dropped after %d attempts: %s",
-            delivery,
-            event.app_id,
-            event.device_id,
-            self._attempts,
-            outcome,
+    async def _deliver(self, row: Delivery) -> None:
+        # Looked up on every attempt: a changed URL or a rotated secret applies at once.
+        app = await self._apps.get(row.app_id)
+        attempts = row.attempts + 1
+        if app is None or not app.webhook_url:
+            await self._store.mark_dead(row.id, attempts, None, "no webhook URL")
+            FAILED.inc()
+            return
+        status, error = await self._post(app.webhook_url, app.secret_hash, row)
+        if status is not None and 200 <= status < 300:
+            await self._store.mark_delivered(row.id, attempts, status)
+            DELIVERED.inc()
+            return
+        RETRIED.inc()
+        if attempts >= self.max_attempts:
+            await self._store.mark_dead(row.id, attempts, status, error)
+            FAILED.inc()
+            # Never the body or the signature: the log is less protected than the receiver.
+            log.warning(
+                "webhook delivery %d of %s/%s dead after %d attempts: %s",
+                row.id,
+                row.app_id,
+                row.device_id,
+                attempts,
+                error,
+            )
+            return
+        delay = backoff(attempts, self._backoff, self._max_backoff)
+        await self._store.reschedule_delivery(
+            row.id, attempts, self._clock.time() + delay, status, error
         )
+        self._wake_in(delay)
 
-    async def _post(self, url: str, key_hash: str, event: _Event, delivery: str) -> str:
-        """POST once; return "" on a 2xx, else what went wrong."""
+    async def _post(self, url: str, key_hash: str, row: Delivery) -> tuple[int | None, str]:
+        """POST once; return the status (None without one) and what went wrong ("" on 2xx)."""
         session = self._session
         if session is None:
-            return "stopped"
+            return None, "stopped"
         timestamp = str(int(self._clock.time()))
         headers = {
-            "Content-Type": "application/octet-stream",
-            "X-Backchannel-App": event.app_id,
-            "X-Backchannel-Device": event.device_id,
-            "X-Backchannel-Event": quote(event.name, safe=_HEADER_SAFE),
+            "Content-Type": "application/octet-stream" if row.kind == EVENT else "application/json",
+            "X-Backchannel-App": row.app_id,
+            "X-Backchannel-Device": row.device_id,
+            "X-Backchannel-Kind": row.kind,
+            "X-Backchannel-Event": quote(row.event_name, safe=_HEADER_SAFE),
             "X-Backchannel-Timestamp": timestamp,
-            "X-Backchannel-Delivery": delivery,
-            "X-Backchannel-Signature": "sha256=" + signature(key_hash, timestamp, event.data),
+            "X-Backchannel-Delivery": delivery_id(row),
+            "X-Backchannel-Signature": "sha256=" + signature(key_hash, timestamp, row.body),
         }
         try:
             async with session.post(
-                url, data=event.data, headers=headers, allow_redirects=False
+                url, data=row.body, headers=headers, allow_redirects=False
             ) as resp:
                 if 200 <= resp.status < 300:
-                    return ""
-                return f"HTTP {resp.status}"
+                    return resp.status, ""
+                return resp.status, f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The type only: some messages quote the URL, which may hold a credential.
-            return type(exc).__name__
+            return None, type(exc).__name__ or "error"
+
+
+def dead_json(row: Delivery) -> dict[str, Any]:
+    """The public view of a dead delivery (never its body)."""
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "device_id": row.device_id,
+        "event_id": row.event_id,
+        "event": row.event_name,
+        "attempts": row.attempts,
+        "last_status": row.last_status,
+        "last_error": row.last_error,
+        "created_at": row.created_at,
+    }
+
+
+class WebhookApi:
+    """Dead letters and outbox counts under ``/v1/applications/{app_id}/webhooks``."""
+
+    def __init__(self, store: Store, api: AppApi, webhooks: Webhooks, clock: Clock) -> None:
+        self._store = store
+        self._api = api
+        self._webhooks = webhooks
+        self._clock = clock
+
+    def add_routes(self, app: web.Application) -> None:
+        """Mount the routes."""
+        base = "/v1/applications/{app_id}/webhooks"
+        app.router.add_get(base, self.status)
+        app.router.add_get(base + "/dead", self.dead)
+        app.router.add_post(base + "/dead/{delivery_id}/retry", self.retry)
+
+    async def status(self, request: web.Request) -> web.Response:
+        """The webhook URL, kinds, and how many deliveries are in each state."""
+        app = await self._api.authorize(request)
+        counts = await self._store.count_deliveries(app.app_id)
+        return json_response(
+            {
+                "webhook_url": app.webhook_url,
+                "webhook_kinds": list(app.webhook_kinds),
+                "max_attempts": self._webhooks.max_attempts,
+                **counts,
+            }
+        )
+
+    async def dead(self, request: web.Request) -> web.Response:
+        """The application's dead deliveries, oldest first (``?limit=``, default 100)."""
+        app = await self._api.authorize(request)
+        raw = request.query.get("limit", "100")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise ApiError(400, "invalid_limit", "limit must be 1 to 1000")
+        rows = await self._store.list_dead_deliveries(app.app_id, int(raw))
+        return json_response({"dead": [dead_json(r) for r in rows]})
+
+    async def retry(self, request: web.Request) -> web.Response:
+        """Make a dead delivery pending again, with a fresh count of attempts."""
+        app = await self._api.authorize(request)
+        raw = request.match_info["delivery_id"]
+        if not raw.isdigit():
+            raise ApiError(404, "not_found", f"no dead delivery {raw}")
+        if not await self._store.retry_dead_delivery(app.app_id, int(raw), self._clock.time()):
+            raise ApiError(404, "not_found", f"no dead delivery {raw}")
+        self._webhooks.wake()
+        return json_response({"id": int(raw), "state": PENDING})

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_right
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from backchannel.state.store import (
+    DEAD,
+    DELIVERED,
+    PENDING,
     AlreadyExists,
     AppRecord,
+    Delivery,
     DeviceCredential,
+    NewDelivery,
     NewEvent,
     StoredEvent,
     TunnelName,
@@ -32,6 +38,9 @@ class MemoryStore:
         # Per application, oldest first: ids increase, so a bisect finds ``after_id``.
         self._events: dict[str, list[StoredEvent]] = {}
         self._event_seq = 0
+        # The webhook outbox by id (dicts keep insertion order, which is id order).
+        self._outbox: dict[int, Delivery] = {}
+        self._outbox_seq = 0
 
     async def open(self) -> None:
         """Do nothing: there is nothing to connect to."""
@@ -68,6 +77,8 @@ class MemoryStore:
         for name in [n for n, r in self._names.items() if r.app_id == app_id]:
             del self._names[name]
         self._events.pop(app_id, None)
+        for rid in [k for k, d in self._outbox.items() if d.app_id == app_id]:
+            del self._outbox[rid]
         return self._apps.pop(app_id, None) is not None
 
     async def put_device_credential(self, cred: DeviceCredential) -> None:
@@ -143,8 +154,10 @@ class MemoryStore:
         """Release a name; False when it was not reserved."""
         return self._names.pop(name, None) is not None
 
-    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
-        """Append a batch; return it with its ids, in the same order."""
+    async def append_events(
+        self, events: list[NewEvent], outbox: Sequence[NewDelivery | None] | None = None
+    ) -> list[StoredEvent]:
+        """Append a batch (and its outbox rows); return it with its ids, in the same order."""
         stored: list[StoredEvent] = []
         logs = self._events
         seq = self._event_seq
@@ -157,6 +170,14 @@ class MemoryStore:
             log.append(event)
             stored.append(event)
         self._event_seq = seq
+        if outbox:
+            self._enqueue(
+                [
+                    dataclasses.replace(row, event_id=event.id)
+                    for row, event in zip(outbox, stored, strict=True)
+                    if row is not None
+                ]
+            )
         return stored
 
     async def read_events(
@@ -206,3 +227,99 @@ class MemoryStore:
             if not log:
                 del self._events[app_id]
         return deleted
+
+    # -- webhook outbox ------------------------------------------------------------------
+
+    def _enqueue(self, rows: list[NewDelivery]) -> list[int]:
+        ids: list[int] = []
+        for r in rows:
+            self._outbox_seq += 1
+            rid = self._outbox_seq
+            self._outbox[rid] = Delivery(
+                rid, r.app_id, r.device_id, r.kind, r.event_id, r.event_name, r.body,
+                r.created_at, 0, r.created_at, PENDING, None, None,
+            )  # fmt: skip
+            ids.append(rid)
+        return ids
+
+    async def enqueue_deliveries(self, rows: list[NewDelivery]) -> list[int]:
+        """Add pending rows; return their ids."""
+        return self._enqueue(rows)
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """Each (app, device)'s oldest pending row whose time has come, oldest first."""
+        seen: set[tuple[str, str]] = set()
+        due: list[Delivery] = []
+        for d in self._outbox.values():
+            if d.state != PENDING or (d.app_id, d.device_id) in seen:
+                continue
+            seen.add((d.app_id, d.device_id))
+            if d.next_attempt_at <= now:
+                due.append(d)
+                if len(due) >= limit:
+                    break
+        return due
+
+    def _update(self, delivery_id: int, **changes: object) -> None:
+        d = self._outbox.get(delivery_id)
+        if d is not None:
+            self._outbox[delivery_id] = dataclasses.replace(d, **changes)  # type: ignore[arg-type]
+
+    async def mark_delivered(self, delivery_id: int, attempts: int, status: int) -> None:
+        """Record a delivery the receiver took."""
+        self._update(delivery_id, state=DELIVERED, attempts=attempts, last_status=status)
+
+    async def reschedule_delivery(
+        self,
+        delivery_id: int,
+        attempts: int,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        """Record a failed attempt; the row stays pending."""
+        self._update(
+            delivery_id,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at,
+            last_status=status,
+            last_error=error,
+        )
+
+    async def mark_dead(
+        self, delivery_id: int, attempts: int, status: int | None, error: str
+    ) -> None:
+        """Give a row up."""
+        self._update(
+            delivery_id, state=DEAD, attempts=attempts, last_status=status, last_error=error
+        )
+
+    async def list_dead_deliveries(self, app_id: str, limit: int) -> list[Delivery]:
+        """The app's dead rows, oldest first."""
+        dead = [d for d in self._outbox.values() if d.app_id == app_id and d.state == DEAD]
+        return dead[: max(limit, 0)]
+
+    async def retry_dead_delivery(self, app_id: str, delivery_id: int, now: float) -> bool:
+        """Make a dead row pending again."""
+        d = self._outbox.get(delivery_id)
+        if d is None or d.app_id != app_id or d.state != DEAD:
+            return False
+        self._update(delivery_id, state=PENDING, attempts=0, next_attempt_at=now)
+        return True
+
+    async def count_deliveries(self, app_id: str) -> dict[str, int]:
+        """Rows of the app per state."""
+        counts = {PENDING: 0, DELIVERED: 0, DEAD: 0}
+        for d in self._outbox.values():
+            if d.app_id == app_id:
+                counts[d.state] += 1
+        return counts
+
+    async def purge_deliveries(self, older_than: float) -> int:
+        """Delete delivered rows created before ``older_than``."""
+        gone = [
+            k for k, d in self._outbox.items() if d.state == DELIVERED and d.created_at < older_than
+        ]
+        for k in gone:
+            del self._outbox[k]
+        return len(gone)

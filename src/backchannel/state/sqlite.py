@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +15,14 @@ from typing import Any, TypeVar
 import orjson
 
 from backchannel.state.store import (
+    DEAD,
+    DELIVERED,
+    PENDING,
     AlreadyExists,
     AppRecord,
+    Delivery,
     DeviceCredential,
+    NewDelivery,
     NewEvent,
     StoredEvent,
     StoreError,
@@ -88,6 +94,27 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_by_app ON events (app_id, id);
     CREATE INDEX events_by_ts ON events (ts);
     """,
+    # The webhook outbox: a row per delivery, kept (as delivered) until purged.
+    """
+    ALTER TABLE apps ADD COLUMN webhook_kinds TEXT NOT NULL DEFAULT '["event"]';
+    CREATE TABLE webhook_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        event_id INTEGER,
+        event_name TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        last_status INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX webhook_outbox_lanes ON webhook_outbox (state, app_id, device_id, id);
+    CREATE INDEX webhook_outbox_by_app ON webhook_outbox (app_id, state, id);
+    """,
 )
 
 _INSERT_EVENTS = "INSERT INTO events (app_id, device_id, type, data, ts) VALUES "
@@ -110,8 +137,26 @@ _EVENT_APPS = """
 
 _APP_COLUMNS = (
     "app_id, name, secret_hash, created_at, webhook_url, default_timeout, "
-    "allow_open_attach, allowed_devices"
+    "allow_open_attach, allowed_devices, webhook_kinds"
 )
+_INSERT_OUTBOX = (
+    "INSERT INTO webhook_outbox (app_id, device_id, kind, event_id, event_name, body, "
+    "created_at, next_attempt_at) VALUES "
+)
+_OUTBOX_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_OUTBOX_COLUMNS = (
+    "id, app_id, device_id, kind, event_id, event_name, body, created_at, attempts, "
+    "next_attempt_at, state, last_status, last_error"
+)
+# Each (app, device)'s oldest pending row (the index gives MIN(id) per group), if due.
+_DUE = f"""
+    SELECT {", ".join("o." + c.strip() for c in _OUTBOX_COLUMNS.split(","))}
+    FROM (
+        SELECT MIN(id) AS id FROM webhook_outbox WHERE state = 'pending'
+        GROUP BY app_id, device_id
+    ) AS heads JOIN webhook_outbox AS o ON o.id = heads.id
+    WHERE o.next_attempt_at <= ? ORDER BY o.id LIMIT ?
+"""
 _CRED_COLUMNS = "app_id, device_id, key_hash, created_at, tags"
 _NAME_COLUMNS = "name, app_id, device_id, token_hash, created_at"
 
@@ -140,6 +185,7 @@ def _app_params(app: AppRecord) -> tuple[Any, ...]:
         app.default_timeout,
         int(app.allow_open_attach),
         _dump_tuple(app.allowed_devices),
+        _dump_tuple(app.webhook_kinds),
     )
 
 
@@ -153,7 +199,34 @@ def _app_from_row(row: tuple[Any, ...]) -> AppRecord:
         default_timeout=row[5],
         allow_open_attach=bool(row[6]),
         allowed_devices=_load_tuple(row[7]),
+        webhook_kinds=_load_tuple(row[8]),
     )
+
+
+def _delivery_from_row(r: tuple[Any, ...]) -> Delivery:
+    return Delivery(
+        int(r[0]), str(r[1]), str(r[2]), str(r[3]), None if r[4] is None else int(r[4]),
+        str(r[5]), bytes(r[6]), float(r[7]), int(r[8]), float(r[9]), str(r[10]),
+        None if r[11] is None else int(r[11]), r[12],
+    )  # fmt: skip
+
+
+def _insert_outbox(conn: sqlite3.Connection, rows: Sequence[NewDelivery]) -> list[int]:
+    """Insert rows (inside the caller's transaction) with multi-row INSERTs; their ids."""
+    per = max(1, min(_MAX_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 8))
+    ids: list[int] = []
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        params: list[Any] = []
+        for r in chunk:
+            params += (
+                r.app_id, r.device_id, r.kind, r.event_id, r.event_name, r.body,
+                r.created_at, r.created_at,
+            )  # fmt: skip
+        conn.execute(_INSERT_OUTBOX + ", ".join([_OUTBOX_ROW] * len(chunk)), params)
+        last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        ids += range(last - len(chunk) + 1, last + 1)
+    return ids
 
 
 def _cred_from_row(row: tuple[Any, ...]) -> DeviceCredential:
@@ -268,7 +341,7 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _app_params(app),
                 )
             except sqlite3.IntegrityError as exc:
@@ -302,8 +375,8 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE apps SET name = ?, secret_hash = ?, created_at = ?, webhook_url = ?, "
-                "default_timeout = ?, allow_open_attach = ?, allowed_devices = ? "
-                "WHERE app_id = ?",
+                "default_timeout = ?, allow_open_attach = ?, allowed_devices = ?, "
+                "webhook_kinds = ? WHERE app_id = ?",
                 (*_app_params(app)[1:], app.app_id),
             )
             return cur.rowcount > 0
@@ -318,6 +391,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM device_credentials WHERE app_id = ?", (app_id,))
                 conn.execute("DELETE FROM tunnel_names WHERE app_id = ?", (app_id,))
                 conn.execute("DELETE FROM events WHERE app_id = ?", (app_id,))
+                conn.execute("DELETE FROM webhook_outbox WHERE app_id = ?", (app_id,))
                 return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
 
         return await self._run(run)
@@ -511,8 +585,10 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
-        """Append a batch in one transaction; return it with its ids, in the same order."""
+    async def append_events(
+        self, events: list[NewEvent], outbox: Sequence[NewDelivery | None] | None = None
+    ) -> list[StoredEvent]:
+        """Append a batch (and its outbox rows) in one transaction; return it with its ids."""
         if not events:
             return []
 
@@ -530,6 +606,16 @@ class SqliteStore:
                         params += (e.app_id, e.device_id, e.type, e.data, e.ts)
                     conn.execute(_INSERT_EVENTS + ", ".join([_ROW] * len(chunk)), params)
                 last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                if outbox:
+                    first = last - len(events) + 1
+                    _insert_outbox(
+                        conn,
+                        [
+                            dataclasses.replace(row, event_id=first + n)
+                            for n, row in enumerate(outbox)
+                            if row is not None
+                        ],
+                    )
             return last
 
         last = await self._run(run)
@@ -616,3 +702,106 @@ class SqliteStore:
             total += count
             if count < _TRIM_CHUNK:
                 return total
+
+    # -- webhook outbox ------------------------------------------------------------------
+
+    async def enqueue_deliveries(self, rows: list[NewDelivery]) -> list[int]:
+        """Add pending rows in one transaction; return their ids."""
+        if not rows:
+            return []
+
+        def run(conn: sqlite3.Connection) -> list[int]:
+            with _transaction(conn):
+                return _insert_outbox(conn, rows)
+
+        return await self._run(run)
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """Each (app, device)'s oldest pending row whose time has come, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[Delivery]:
+            return [_delivery_from_row(r) for r in conn.execute(_DUE, (now, max(limit, 0)))]
+
+        return await self._run(run)
+
+    async def _exec(self, sql: str, params: tuple[Any, ...]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
+
+        return await self._run(run)
+
+    async def mark_delivered(self, delivery_id: int, attempts: int, status: int) -> None:
+        """Record a delivery the receiver took."""
+        await self._exec(
+            "UPDATE webhook_outbox SET state = ?, attempts = ?, last_status = ? WHERE id = ?",
+            (DELIVERED, attempts, status, delivery_id),
+        )
+
+    async def reschedule_delivery(
+        self,
+        delivery_id: int,
+        attempts: int,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        """Record a failed attempt; the row stays pending."""
+        await self._exec(
+            "UPDATE webhook_outbox SET attempts = ?, next_attempt_at = ?, last_status = ?, "
+            "last_error = ? WHERE id = ?",
+            (attempts, next_attempt_at, status, error, delivery_id),
+        )
+
+    async def mark_dead(
+        self, delivery_id: int, attempts: int, status: int | None, error: str
+    ) -> None:
+        """Give a row up."""
+        await self._exec(
+            "UPDATE webhook_outbox SET state = ?, attempts = ?, last_status = ?, last_error = ? "
+            "WHERE id = ?",
+            (DEAD, attempts, status, error, delivery_id),
+        )
+
+    async def list_dead_deliveries(self, app_id: str, limit: int) -> list[Delivery]:
+        """The app's dead rows, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM webhook_outbox WHERE app_id = ? AND state = ? "
+                "ORDER BY id LIMIT ?",
+                (app_id, DEAD, max(limit, 0)),
+            )
+            return [_delivery_from_row(r) for r in rows]
+
+        return await self._run(run)
+
+    async def retry_dead_delivery(self, app_id: str, delivery_id: int, now: float) -> bool:
+        """Make a dead row pending again."""
+        changed = await self._exec(
+            "UPDATE webhook_outbox SET state = ?, attempts = 0, next_attempt_at = ? "
+            "WHERE id = ? AND app_id = ? AND state = ?",
+            (PENDING, now, delivery_id, app_id, DEAD),
+        )
+        return changed > 0
+
+    async def count_deliveries(self, app_id: str) -> dict[str, int]:
+        """Rows of the app per state."""
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {PENDING: 0, DELIVERED: 0, DEAD: 0}
+            rows = conn.execute(
+                "SELECT state, COUNT(*) FROM webhook_outbox WHERE app_id = ? GROUP BY state",
+                (app_id,),
+            )
+            for state, n in rows:
+                counts[str(state)] = int(n)
+            return counts
+
+        return await self._run(run)
+
+    async def purge_deliveries(self, older_than: float) -> int:
+        """Delete delivered rows created before ``older_than``."""
+        return await self._exec(
+            "DELETE FROM webhook_outbox WHERE state = ? AND created_at < ?",
+            (DELIVERED, older_than),
+        )

@@ -7,7 +7,7 @@ only *hashes* of secrets; it never sees a plaintext secret or key.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +32,8 @@ class AppRecord:
     default_timeout: float | None = None
     allow_open_attach: bool = False
     allowed_devices: tuple[str, ...] = ()
+    #: What the webhook receives: ``event`` (device events), ``presence``, ``call``.
+    webhook_kinds: tuple[str, ...] = ("event",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class NewEvent:
     type: str
     data: bytes
     ts: float
+    #: The device's own event name (the webhook's ``X-Backchannel-Event``); not stored.
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,44 @@ class StoredEvent:
     type: str
     data: bytes
     ts: float
+
+
+#: Webhook outbox states.
+PENDING = "pending"
+DELIVERED = "delivered"
+DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A webhook delivery to put in the outbox (``event_id``: filled by ``append_events``)."""
+
+    app_id: str
+    device_id: str
+    kind: str
+    event_name: str
+    body: bytes
+    created_at: float
+    event_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One row of the webhook outbox."""
+
+    id: int
+    app_id: str
+    device_id: str
+    kind: str
+    event_id: int | None
+    event_name: str
+    body: bytes
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+    state: str
+    last_status: int | None
+    last_error: str | None
 
 
 class Store(Protocol):
@@ -105,7 +147,11 @@ class Store(Protocol):
       - Event ids are integers from 1, increasing in the order of ``append_events`` (within a
         batch too) across every application, and never reused, even after a trim or a
         restart; ``last_event_id`` is the highest id ever given.
-      - ``append_events`` writes its whole batch or nothing (one transaction).
+      - ``append_events`` writes its whole batch or nothing (one transaction), together
+        with the outbox rows given beside it.
+      - Webhook outbox ids increase and are never reused. ``due_deliveries`` returns, per
+        (app, device), only the oldest ``pending`` row, and only if its time has come.
+        ``delete_app`` also deletes the app's outbox rows.
       - Data written before ``close()`` is readable after a new ``open()`` on the same
         location (except for the memory store, which keeps nothing).
     """
@@ -185,8 +231,14 @@ class Store(Protocol):
         """Release a name; False when it was not reserved."""
         ...
 
-    async def append_events(self, events: list[NewEvent]) -> list[StoredEvent]:
-        """Append a batch in one transaction; return it with its ids, in the same order."""
+    async def append_events(
+        self, events: list[NewEvent], outbox: Sequence[NewDelivery | None] | None = None
+    ) -> list[StoredEvent]:
+        """Append a batch in one transaction; return it with its ids, in the same order.
+
+        ``outbox``, when given, runs beside ``events``: each non-None entry is enqueued in
+        the same transaction with ``event_id`` set to its event's id.
+        """
         ...
 
     async def read_events(
@@ -217,4 +269,51 @@ class Store(Protocol):
         events since the last trim); None applies it to every application. The age rule
         always applies to all. Returns how many events were deleted.
         """
+        ...
+
+    # -- webhook outbox ------------------------------------------------------------------
+
+    async def enqueue_deliveries(self, rows: list[NewDelivery]) -> list[int]:
+        """Add ``pending`` rows due at their ``created_at``, in one transaction; their ids."""
+        ...
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """Up to ``limit`` rows, oldest first: each (app, device)'s oldest pending row, if due."""
+        ...
+
+    async def mark_delivered(self, delivery_id: int, attempts: int, status: int) -> None:
+        """Record a delivery the receiver took."""
+        ...
+
+    async def reschedule_delivery(
+        self,
+        delivery_id: int,
+        attempts: int,
+        next_attempt_at: float,
+        status: int | None,
+        error: str,
+    ) -> None:
+        """Record a failed attempt; the row stays pending until ``next_attempt_at``."""
+        ...
+
+    async def mark_dead(
+        self, delivery_id: int, attempts: int, status: int | None, error: str
+    ) -> None:
+        """Give a row up after its last failed attempt."""
+        ...
+
+    async def list_dead_deliveries(self, app_id: str, limit: int) -> list[Delivery]:
+        """The app's dead rows, oldest first."""
+        ...
+
+    async def retry_dead_delivery(self, app_id: str, delivery_id: int, now: float) -> bool:
+        """Make a dead row of the app pending again (attempts from 0); False if none."""
+        ...
+
+    async def count_deliveries(self, app_id: str) -> dict[str, int]:
+        """How many rows of the app are in each state (every state is a key)."""
+        ...
+
+    async def purge_deliveries(self, older_than: float) -> int:
+        """Delete delivered rows created before ``older_than``; return how many."""
         ...

@@ -1,0 +1,170 @@
+"""What goes into the webhook outbox, and the retry schedule (the HTTP side is a front door).
+
+Three kinds of delivery, chosen per application (``AppRecord.webhook_kinds``):
+
+- ``event``: a device's upstream event; the body is the raw event bytes. Its outbox row is
+  written by the event log **in the same store transaction as the event**, so a stored event
+  always has its delivery stored too (at-least-once, across restarts).
+- ``presence``: a device connected or disconnected (from the event log's presence records,
+  in the same transaction too); the body is JSON, see :func:`presence_body`.
+- ``call``: a call made through this node ended; the body is JSON, see :meth:`WebhookPlanner.
+  on_call`. These rows are batched and written by a task of their own, off the call's path;
+  a crash within that instant can lose one (the call's caller has its answer anyway).
+
+Nothing here waits on the hot path: the event log plans in its writer task, and call outcomes
+are appended to a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from backchannel.core.apps import AppService
+from backchannel.core.clock import Clock
+from backchannel.state.store import NewDelivery, NewEvent, Store
+
+log = logging.getLogger(__name__)
+
+EVENT = "event"
+PRESENCE = "presence"
+CALL = "call"
+#: The event log's type of presence records (``backchannel.core.events.PRESENCE``).
+_PRESENCE_TYPE = "presence"
+_MAX_PENDING_CALLS = 100_000
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """The wait after the ``attempts``-th failed attempt: base, 2 base, 4 base... up to cap."""
+    return float(min(base * 2 ** min(attempts - 1, 60), cap))
+
+
+def presence_body(event: NewEvent) -> bytes:
+    """The JSON body of a presence webhook: the presence record plus who and when.
+
+    ``{"app_id", "device_id", "ts", "online", "reason", "remote", "transport",
+    "session_id", "connected_at", "last_seen", "replaced"}``.
+    """
+    data: dict[str, Any] = {"app_id": event.app_id, "device_id": event.device_id, "ts": event.ts}
+    data.update(orjson.loads(event.data))
+    return orjson.dumps(data)
+
+
+class WebhookPlanner:
+    """Decides which events, presence changes and calls get an outbox row, and writes calls."""
+
+    def __init__(self, store: Store, apps: AppService, clock: Clock) -> None:
+        self._store = store
+        self._apps = apps
+        self._clock = clock
+        self._calls: list[NewDelivery] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._running = False
+        #: Called after new rows are stored (the delivery worker's wake-up).
+        self.on_enqueued: Callable[[], None] | None = None
+
+    async def _kinds(self, app_id: str) -> tuple[str, ...]:
+        app = await self._apps.get(app_id)
+        if app is None or not app.webhook_url:
+            return ()
+        return app.webhook_kinds
+
+    # -- events and presence (the event log's writer calls these) ----------------------------
+
+    async def plan(self, batch: list[NewEvent]) -> list[NewDelivery | None] | None:
+        """The outbox rows of a batch of events, one per event (None: none); None: none at all."""
+        kinds: dict[str, tuple[str, ...]] = {}
+        for event in batch:
+            if event.app_id not in kinds:
+                kinds[event.app_id] = await self._kinds(event.app_id)
+        if not any(kinds.values()):
+            return None
+        rows: list[NewDelivery | None] = []
+        for e in batch:
+            wanted = kinds[e.app_id]
+            if e.type == _PRESENCE_TYPE:
+                if PRESENCE in wanted:
+                    online = orjson.loads(e.data).get("online")
+                    name = "connect" if online else "disconnect"
+                    rows.append(
+                        NewDelivery(e.app_id, e.device_id, PRESENCE, name, presence_body(e), e.ts)
+                    )
+                    continue
+            elif EVENT in wanted:
+                rows.append(NewDelivery(e.app_id, e.device_id, EVENT, e.name, e.data, e.ts))
+                continue
+            rows.append(None)
+        return rows
+
+    def enqueued(self) -> None:
+        """New rows are in the store: wake the worker."""
+        if self.on_enqueued is not None:
+            self.on_enqueued()
+
+    # -- calls (a relay listener) ----------------------------------------------------------
+
+    def on_call(self, app_id: str, device_id: str, code: str | None, duration_ms: float) -> None:
+        """Relay listener: a call ended.
+
+        The body: ``{"app_id", "device_id", "ts", "status": "ok" | "error", "error": <code> |
+        null, "duration_ms"}``.
+        """
+        if not self._running or len(self._calls) >= _MAX_PENDING_CALLS:
+            return
+        now = self._clock.time()
+        body = {
+            "app_id": app_id,
+            "device_id": device_id,
+            "ts": now,
+            "status": "ok" if code is None else "error",
+            "error": code,
+            "duration_ms": round(duration_ms, 3),
+        }
+        self._calls.append(NewDelivery(app_id, device_id, CALL, CALL, orjson.dumps(body), now))
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start writing call rows."""
+        self._running = True
+        self._writer = asyncio.get_running_loop().create_task(self._write_calls())
+
+    async def stop(self) -> None:
+        """Write what is pending, then stop."""
+        self._running = False
+        if self._calls:
+            with contextlib.suppress(Exception):
+                await self._flush()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+
+    async def _write_calls(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("webhooks: could not store call deliveries")
+                await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        batch, self._calls = self._calls, []
+        kinds: dict[str, tuple[str, ...]] = {}
+        rows: list[NewDelivery] = []
+        for row in batch:
+            if row.app_id not in kinds:
+                kinds[row.app_id] = await self._kinds(row.app_id)
+            if CALL in kinds[row.app_id]:
+                rows.append(row)
+        if rows:
+            await self._store.enqueue_deliveries(rows)
+            self.enqueued()
