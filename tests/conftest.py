@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class ServerProcess:
     data_dir: Path
     proc: subprocess.Popen[str] | None = None
     log: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
 
     def start(self, *extra: str, admin_token: str | None = ADMIN_TOKEN) -> None:
         """Start the process and wait until /healthz answers."""
@@ -137,12 +139,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
+        # Read the output as it comes: a full pipe would block the server's logging, and
+        # with it the server's event loop.
+        self._reader = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {self.proc.stdout.read() if self.proc.stdout else ''}"
-                )
+                self._reader.join(5)  # type: ignore[union-attr]
+                raise RuntimeError(f"server exited: {''.join(self.log)}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -155,9 +160,18 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=timeout)
+        self.proc.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(5)
         self.proc = None
+        out = "".join(self.log)
+        self.log.clear()
         return out
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.log.append(line)
 
 
 @pytest.fixture

@@ -659,7 +659,7 @@ class TestRestart:
     async def test_token_survives_a_restart(self, s2m: Socket2me, server_process: Any) -> None:
         sp = server_process()
         flags = ("--store", "sqlite", "--tunnel-timeout", "5")
-        sp.start(*flags)
+        await asyncio.to_thread(sp.start, *flags)
         async with s2m.http.get(f"{sp.url}/new") as r:
             token = await r.json()
 
@@ -678,23 +678,25 @@ class TestRestart:
         assert (await s2m.go(sp.url, token, "/a")).body == b"hello from a"
 
         # A crash: the client comes back to the new process, on the same URL.
-        sp.stop(signal.SIGKILL)
+        await asyncio.to_thread(sp.stop, signal.SIGKILL)
         await wait_for(lambda: not tunnel.connected)
-        sp.start(*flags)
+        await asyncio.to_thread(sp.start, *flags)
         await wait_for(lambda: tunnel.connected, timeout=10)
         assert (await s2m.go(sp.url, token, "/b")).body == b"hello from b"
 
         # A clean stop with the client gone: after the restart the token is known (502,
         # not 404), and works again as soon as a client connects with it.
         await tunnel.close()
-        sp.stop()
-        sp.start(*flags)
+        # Off the event loop: the test's Socket.IO client must stay responsive while the
+        # server shuts down, or the server waits for a close handshake nobody answers.
+        await asyncio.to_thread(sp.stop)
+        await asyncio.to_thread(sp.start, *flags)
         assert_error(await s2m.go(sp.url, token), 502, "tunnel_offline", "client not connected")
         assert (await s2m.get(f"{sp.url}/refresh/{token}")).body == b"OK"
         again = await s2m.connect(sp.url, token, handler)
         assert (await s2m.go(sp.url, token, "/c")).body == b"hello from c"
         assert again.requests[-1]["url"] == "c"
-        sp.stop(signal.SIGKILL)
+        await asyncio.to_thread(sp.stop, signal.SIGKILL)
 
     async def test_graceful_stop_with_a_client(self, s2m: Socket2me, server_process: Any) -> None:
         sp = server_process()

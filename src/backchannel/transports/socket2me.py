@@ -200,6 +200,7 @@ class Socket2meTransport:
         self._clients: dict[tuple[str, str], Socket2meClient] = {}
         self._requests: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
+        self._closing = False
         self.server = socketio.AsyncServer(
             async_mode="aiohttp",
             namespaces="*",
@@ -224,6 +225,14 @@ class Socket2meTransport:
             app.router.add_route(method, PATH, self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._closing:
+            # Clients reconnect at once when shutdown disconnects them; taking them back
+            # would keep aiohttp waiting for their requests until its shutdown timeout.
+            return web.json_response(
+                {"error": "shutting_down", "detail": "server shutting down; reconnect later"},
+                status=503,
+                headers={"Retry-After": "5"},
+            )
         task = asyncio.current_task()
         assert task is not None
         self._requests.add(task)
@@ -236,17 +245,19 @@ class Socket2meTransport:
                 self._idle.set()
 
     async def close_all(self, reason: str) -> None:
-        """Disconnect every client now (shutdown)."""
+        """Disconnect every client now and take no new ones (shutdown)."""
+        self._closing = True
         for client in list(self._clients.values()):
             client.close(reason)
-        if self.server.eio.sockets:  # engineio's disconnect-all fails on an empty set
-            await self.server.eio.disconnect()
-        # The WebSocket requests end when the clients answer the close; aiohttp's own
-        # shutdown would stop reading those answers and wait out its timeout instead.
-        if self._requests:
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_WAIT):
+        # Both steps are bounded: Engine.IO's close of a socket caught mid-handshake can
+        # wait forever, and the WebSocket requests end only when the clients answer the
+        # close (aiohttp's own shutdown would stop reading those answers).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT):
+                if self.server.eio.sockets:  # engineio's disconnect-all fails on an empty set
+                    await self.server.eio.disconnect()
+                if self._requests:
+                    self._idle.clear()
                     await self._idle.wait()
         # What is left are long-polls of clients already gone (Engine.IO holds them for a
         # ping period): end them rather than have aiohttp wait out its shutdown timeout.
