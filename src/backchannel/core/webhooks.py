@@ -37,6 +37,7 @@ CALL = "call"
 #: The event log's type of presence records (``backchannel.core.events.PRESENCE``).
 _PRESENCE_TYPE = "presence"
 _MAX_PENDING_CALLS = 100_000
+_WANTS_CALLS_TTL = 2.0  # seconds, like AppService's cache
 
 
 def backoff(attempts: int, base: float, cap: float) -> float:
@@ -62,7 +63,10 @@ class WebhookPlanner:
         self._store = store
         self._apps = apps
         self._clock = clock
-        self._calls: list[NewDelivery] = []
+        # (app_id, device_id, error code or None, duration ms, wall time) of ended calls.
+        self._calls: list[tuple[str, str, str | None, float, float]] = []
+        #: app_id -> (wants call webhooks, monotonic time until which that is trusted).
+        self._wants_calls: dict[str, tuple[bool, float]] = {}
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._running = False
@@ -117,16 +121,12 @@ class WebhookPlanner:
         """
         if not self._running or len(self._calls) >= _MAX_PENDING_CALLS:
             return
-        now = self._clock.time()
-        body = {
-            "app_id": app_id,
-            "device_id": device_id,
-            "ts": now,
-            "status": "ok" if code is None else "error",
-            "error": code,
-            "duration_ms": round(duration_ms, 3),
-        }
-        self._calls.append(NewDelivery(app_id, device_id, CALL, CALL, orjson.dumps(body), now))
+        # The hot path: most apps want no call webhooks, and once that is known (for a
+        # couple of seconds, like the app cache) a call costs one dict lookup here.
+        known = self._wants_calls.get(app_id)
+        if known is not None and not known[0] and known[1] > self._clock.monotonic():
+            return
+        self._calls.append((app_id, device_id, code, duration_ms, self._clock.time()))
         self._wake.set()
 
     async def start(self) -> None:
@@ -160,11 +160,21 @@ class WebhookPlanner:
         batch, self._calls = self._calls, []
         kinds: dict[str, tuple[str, ...]] = {}
         rows: list[NewDelivery] = []
-        for row in batch:
-            if row.app_id not in kinds:
-                kinds[row.app_id] = await self._kinds(row.app_id)
-            if CALL in kinds[row.app_id]:
-                rows.append(row)
+        fresh_until = self._clock.monotonic() + _WANTS_CALLS_TTL
+        for app_id, device_id, code, duration_ms, ts in batch:
+            if app_id not in kinds:
+                kinds[app_id] = await self._kinds(app_id)
+                self._wants_calls[app_id] = (CALL in kinds[app_id], fresh_until)
+            if CALL in kinds[app_id]:
+                body = {
+                    "app_id": app_id,
+                    "device_id": device_id,
+                    "ts": ts,
+                    "status": "ok" if code is None else "error",
+                    "error": code,
+                    "duration_ms": round(duration_ms, 3),
+                }
+                rows.append(NewDelivery(app_id, device_id, CALL, CALL, orjson.dumps(body), ts))
         if rows:
             await self._store.enqueue_deliveries(rows)
             self.enqueued()
