@@ -121,6 +121,7 @@ def build_app(
             clock,
             domain=config.domain,
             max_inflight=config.max_inflight_per_device,
+            body_limit=config.expose_max_body_size,
         ),
     ).add_routes(app)
     app[COMETA] = CometaTransport(
@@ -189,8 +190,6 @@ def build_app(
         tunnels,
         RateLimiter(config.tunnel_rate_limit, config.tunnel_rate_burst, clock),
         timeout=config.tunnel_timeout,
-        max_body=config.tunnel_max_body_size,
-        native_max_body=config.expose_max_body_size,
         domain=config.domain,
     ).add_routes(app)
     Health(relay).add_routes(app)

@@ -91,16 +91,3 @@ def test_drop() -> None:
     assert client.closed == ["token expired"]
     # Its own disconnect handler, running later, finds nothing to remove.
     assert registry.detach("h", client) is False
-
-
-def test_close_all() -> None:
-    registry = TunnelRegistry()
-    clients = [FakeClient() for _ in range(3)]
-    for i, client in enumerate(clients):
-        registry.attach(f"h{i}", client)
-    registry.close_all("shutting down")
-    assert [c.closed for c in clients] == [["shutting down"]] * 3
-    assert len(registry) == 0
-    assert all(registry.get(f"h{i}") is None for i in range(3))
-    registry.close_all("twice")
-    assert [c.closed for c in clients] == [["shutting down"]] * 3

@@ -116,6 +116,10 @@ class TunnelClient(Protocol):
     connected_at: float
 
     @property
+    def body_limit(self) -> int:
+        """The largest request body this client takes, in bytes (0: none, it streams)."""
+
+    @property
     def access(self) -> TunnelAccess | None:
         """The public side's rules (native tunnels); None lets everyone through."""
 
@@ -178,12 +182,6 @@ class TunnelRegistry:
             return False
         client.close(reason)
         return True
-
-    def close_all(self, reason: str) -> None:
-        """Disconnect every client (shutdown)."""
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            client.close(reason)
 
     def clients(self) -> list[TunnelClient]:
         """Every live client on this node."""

@@ -213,8 +213,6 @@ class TunnelIngress:
         limiter: RateLimiter,
         *,
         timeout: float,
-        max_body: int,
-        native_max_body: int = 0,
         domain: str | None = None,
     ) -> None:
         self._tokens = tokens
@@ -222,8 +220,6 @@ class TunnelIngress:
         self._registry = registry
         self._limiter = limiter
         self._timeout = timeout
-        self._max_body = max_body  # Socket2me clients take whole bodies: always a limit
-        self._native_max_body = native_max_body  # streamed: 0 means none
         self._domain = domain.lower().strip(".") if domain else None
 
     def add_routes(self, app: web.Application) -> None:
@@ -306,7 +302,7 @@ class TunnelIngress:
                     "access denied",
                     refusal.headers,
                 )
-        limit = self._native_max_body if client.kind == "native" else self._max_body
+        limit = client.body_limit
         length = request.content_length
         if limit and length is not None and length > limit:
             return _outcome_response(

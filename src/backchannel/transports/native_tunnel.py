@@ -73,8 +73,10 @@ class NativeTunnelClient:
         token_hash: str,
         access: TunnelAccess,
         max_inflight: int,
+        body_limit: int = 0,
     ) -> None:
         self._session = session
+        self.body_limit = body_limit  # bodies stream: 0 means no limit
         self.name = name
         self.token_hash = token_hash
         self.access = access
@@ -263,12 +265,14 @@ class NativeTunnels:
         *,
         domain: str | None,
         max_inflight: int,
+        body_limit: int = 0,
     ) -> None:
         self._names = names
         self._registry = registry
         self._clock = clock
         self._domain = domain
         self._max_inflight = max_inflight
+        self._body_limit = body_limit
 
     async def prepare(
         self, app_id: str, device_id: str, header: str
@@ -301,7 +305,7 @@ class NativeTunnels:
     ) -> NativeTunnelClient:
         """Route the tunnel's requests to ``session`` (replacing any older connection)."""
         client = NativeTunnelClient(
-            session, record.name, record.token_hash, access, self._max_inflight
+            session, record.name, record.token_hash, access, self._max_inflight, self._body_limit
         )
         self._registry.attach(record.token_hash, client)
         metrics.TUNNEL_CLIENTS.labels(KIND).inc()

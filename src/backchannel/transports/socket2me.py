@@ -86,6 +86,11 @@ class Socket2meClient:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def body_limit(self) -> int:
+        """Socket2me carries whole bodies: always a limit."""
+        return self._settings.max_body
+
+    @property
     def in_flight(self) -> int:
         """Requests emitted and not acknowledged yet."""
         return len(self._pending)
