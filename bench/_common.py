@@ -747,23 +747,39 @@ async def loadgen(
                     else:
                         failures[str(status)] += 1
 
-        async def sampler() -> dict[str, Any]:
-            await asyncio.sleep(max(0.0, start - perf()))
-            cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-            own0, w0, m0 = time.process_time(), perf(), machine_cpu_seconds()
-            await asyncio.sleep(max(0.0, end - perf()))
-            cpu1 = {pid: cpu_seconds(pid) for pid in pids}
-            own1, w1, m1 = time.process_time(), perf(), machine_cpu_seconds()
-            return {
-                "window": w1 - w0,
-                "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
-                "loadgen_cpu": own1 - own0,
-                # The whole machine: shows other work (not ours) competing for the CPUs.
-                "machine_busy": m1[0] - m0[0],
-                "machine_total": m1[1] - m0[1],
-            }
+        workers = (worker(i) for i in range(concurrency))
+        sampled, *_ = await asyncio.gather(sample_cpu(pids, start, end), *workers)
+    return loadgen_result(completed, failures, latencies, duration, sampled)
 
-        sampled, *_ = await asyncio.gather(sampler(), *(worker(i) for i in range(concurrency)))
+
+async def sample_cpu(pids: Sequence[int], start: float, end: float) -> dict[str, Any]:
+    """CPU of ``pids``, of this process and of the machine between perf_counter ``start`` and
+    ``end`` (the measured window of a load generator)."""
+    perf = time.perf_counter
+    await asyncio.sleep(max(0.0, start - perf()))
+    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+    own0, w0, m0 = time.process_time(), perf(), machine_cpu_seconds()
+    await asyncio.sleep(max(0.0, end - perf()))
+    cpu1 = {pid: cpu_seconds(pid) for pid in pids}
+    own1, w1, m1 = time.process_time(), perf(), machine_cpu_seconds()
+    return {
+        "window": w1 - w0,
+        "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
+        "loadgen_cpu": own1 - own0,
+        # The whole machine: shows other work (not ours) competing for the CPUs.
+        "machine_busy": m1[0] - m0[0],
+        "machine_total": m1[1] - m0[1],
+    }
+
+
+def loadgen_result(
+    completed: int,
+    failures: Counter[str],
+    latencies: list[float],
+    duration: float,
+    sampled: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON result of a load generator, the shape :func:`measurement_row` reads."""
     latencies.sort()
     return {
         "calls": completed,

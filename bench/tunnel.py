@@ -170,35 +170,9 @@ async def small_loadgen(
                     else:
                         failures[str(status)] += 1
 
-        async def sampler() -> dict[str, Any]:
-            await asyncio.sleep(max(0.0, start - perf()))
-            cpu0 = {pid: c.cpu_seconds(pid) for pid in pids}
-            own0, w0, m0 = time.process_time(), perf(), c.machine_cpu_seconds()
-            await asyncio.sleep(max(0.0, end - perf()))
-            cpu1 = {pid: c.cpu_seconds(pid) for pid in pids}
-            own1, w1, m1 = time.process_time(), perf(), c.machine_cpu_seconds()
-            return {
-                "window": w1 - w0,
-                "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
-                "loadgen_cpu": own1 - own0,
-                "machine_busy": m1[0] - m0[0],
-                "machine_total": m1[1] - m0[1],
-            }
-
-        sampled, *_ = await asyncio.gather(sampler(), *(worker(i) for i in range(concurrency)))
-    latencies.sort()
-    return {
-        "calls": completed,
-        "errors": sum(failures.values()),
-        "failures": dict(failures),
-        "duration": duration,
-        "calls_per_s": completed / duration,
-        "p50_ms": c.percentile(latencies, 50) * 1000,
-        "p90_ms": c.percentile(latencies, 90) * 1000,
-        "p99_ms": c.percentile(latencies, 99) * 1000,
-        "max_ms": (latencies[-1] * 1000) if latencies else float("nan"),
-        **sampled,
-    }
+        workers = (worker(i) for i in range(concurrency))
+        sampled, *_ = await asyncio.gather(c.sample_cpu(pids, start, end), *workers)
+    return c.loadgen_result(completed, failures, latencies, duration, sampled)
 
 
 def _loadgen_role(args: argparse.Namespace) -> int:
