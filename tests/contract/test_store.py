@@ -18,10 +18,16 @@ from backchannel.state.sqlite import MIGRATIONS, SqliteStore
 from backchannel.state.store import (
     DEAD,
     DELIVERED,
+    EXPIRED,
+    FAILED,
     PENDING,
+    QUEUED,
+    REPLIED,
+    SENT,
     AlreadyExists,
     AppRecord,
     DeviceCredential,
+    Message,
     NewDelivery,
     NewEvent,
     Store,
@@ -618,5 +624,119 @@ async def test_sqlite_outbox_survives_reopen(tmp_path: Path) -> None:
             "event",
             "name",
         )
+    finally:
+        await second.close()
+
+
+def msg(
+    mid: str,
+    *,
+    app_id: str = "a1",
+    device_id: str = "d1",
+    key: str | None = None,
+    state: str = QUEUED,
+    expires_at: float | None = 100.0,
+    body: bytes = b"body",
+) -> Message:
+    """A queued message with filler fields."""
+    return Message(
+        id=mid,
+        app_id=app_id,
+        device_id=device_id,
+        mode="queue",
+        method="m",
+        body=body,
+        body_hash=f"hash-{body!r}",
+        idempotency_key=key,
+        state=state,
+        created_at=1.0,
+        updated_at=1.0,
+        expires_at=expires_at,
+        timeout=5.0,
+    )
+
+
+class TestMessages:
+    """The offline queue and idempotency records."""
+
+    async def test_create_get_and_order(self, store: Store) -> None:
+        a, created_a = await store.create_message(msg("m1", body=b"\x00\xff"))
+        b, created_b = await store.create_message(msg("m2"))
+        assert created_a and created_b and 0 < a.seq < b.seq
+        got = await store.get_message("a1", "m1")
+        assert got is not None and (got.body, got.state, got.seq) == (b"\x00\xff", QUEUED, a.seq)
+        assert await store.get_message("a2", "m1") is None  # another app's id
+        assert await store.get_message("a1", "nope") is None
+        listed = await store.list_messages("a1", "d1", (QUEUED,), 10)
+        assert [m.id for m in listed] == ["m1", "m2"]
+        assert [m.id for m in await store.list_messages("a1", "d1", (), 1)] == ["m1"]
+        assert await store.list_messages("a1", "d2", (), 10) == []
+
+    async def test_idempotency_key_returns_the_holder(self, store: Store) -> None:
+        first, _ = await store.create_message(msg("m1", key="k"))
+        holder, created = await store.create_message(msg("m2", key="k"))
+        assert not created and holder.id == first.id
+        assert await store.get_message("a1", "m2") is None
+        other, created = await store.create_message(msg("m3", key="k", app_id="a2"))
+        assert created and other.id == "m3"  # keys are per application
+        found = await store.get_message_by_key("a1", "k")
+        assert found is not None and found.id == "m1"
+        assert await store.get_message_by_key("a1", "other") is None
+        with pytest.raises(AlreadyExists):
+            await store.create_message(msg("m1"))
+
+    async def test_compare_and_set_transitions(self, store: Store) -> None:
+        await store.create_message(msg("m1"))
+        assert await store.update_message("a1", "m1", (QUEUED,), SENT, 2.0, attempt=True)
+        assert not await store.update_message("a1", "m1", (QUEUED,), SENT, 3.0)
+        assert not await store.update_message("a2", "m1", (SENT,), REPLIED, 3.0)
+        assert await store.update_message("a1", "m1", (SENT,), REPLIED, 4.0, reply=b"\x01")
+        got = await store.get_message("a1", "m1")
+        assert got is not None
+        assert (got.state, got.reply, got.attempts, got.updated_at) == (REPLIED, b"\x01", 1, 4.0)
+        assert await store.queued_devices() == {}
+
+    async def test_expire_queued_devices_and_interrupt(self, store: Store) -> None:
+        await store.create_message(msg("m1", expires_at=5.0))
+        await store.create_message(msg("m2", expires_at=5.0))
+        await store.create_message(msg("m3", expires_at=50.0, device_id="d2"))
+        await store.create_message(msg("m4", state=SENT, expires_at=None))
+        assert await store.queued_devices() == {("a1", "d1"): 2, ("a1", "d2"): 1}
+        assert sorted(await store.expire_messages(10.0)) == [("a1", "d1"), ("a1", "d1")]
+        assert await store.queued_devices() == {("a1", "d2"): 1}
+        expired = await store.get_message("a1", "m1")
+        assert expired is not None and (expired.state, expired.error) == (EXPIRED, "expired")
+        assert await store.interrupt_sent_messages(11.0, "restart") == 1
+        m4 = await store.get_message("a1", "m4")
+        assert m4 is not None and (m4.state, m4.error, m4.detail) == (
+            DELIVERED, "interrupted", "restart",
+        )  # fmt: skip
+
+    async def test_purge_delete_and_delete_app(self, store: Store) -> None:
+        await store.create_message(msg("m1", key="k1"))
+        await store.create_message(msg("m2"))
+        await store.update_message("a1", "m1", (QUEUED,), FAILED, 2.0, error="cancelled")
+        assert await store.purge_messages(1.5) == 0
+        assert await store.purge_messages(3.0) == 1  # only final messages go
+        assert await store.get_message("a1", "m1") is None
+        assert (await store.create_message(msg("m5", key="k1")))[1]  # the key is free again
+        assert await store.delete_message("a1", "m2")
+        assert not await store.delete_message("a1", "m2")
+        await store.create_app(app("a1"))
+        await store.delete_app("a1")
+        assert await store.get_message("a1", "m5") is None
+
+
+async def test_sqlite_messages_survive_reopen(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "db.sqlite")
+    await first.open()
+    await first.create_message(msg("m1", key="k"))
+    await first.close()
+    second = SqliteStore(tmp_path / "db.sqlite")
+    await second.open()
+    try:
+        assert await second.queued_devices() == {("a1", "d1"): 1}
+        holder, created = await second.create_message(msg("m2", key="k"))
+        assert not created and holder.id == "m1"
     finally:
         await second.close()

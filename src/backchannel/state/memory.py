@@ -9,11 +9,16 @@ from collections.abc import Collection, Sequence
 from backchannel.state.store import (
     DEAD,
     DELIVERED,
+    EXPIRED,
+    MESSAGE_FINAL,
     PENDING,
+    QUEUED,
+    SENT,
     AlreadyExists,
     AppRecord,
     Delivery,
     DeviceCredential,
+    Message,
     NewDelivery,
     NewEvent,
     StoredEvent,
@@ -41,6 +46,10 @@ class MemoryStore:
         # The webhook outbox by id (dicts keep insertion order, which is id order).
         self._outbox: dict[int, Delivery] = {}
         self._outbox_seq = 0
+        # Messages by id, in creation order; idempotency keys per (app, key).
+        self._messages: dict[str, Message] = {}
+        self._message_keys: dict[tuple[str, str], str] = {}
+        self._message_seq = 0
 
     async def open(self) -> None:
         """Do nothing: there is nothing to connect to."""
@@ -79,6 +88,8 @@ class MemoryStore:
         self._events.pop(app_id, None)
         for rid in [k for k, d in self._outbox.items() if d.app_id == app_id]:
             del self._outbox[rid]
+        for mid in [k for k, m in self._messages.items() if m.app_id == app_id]:
+            self._forget_message(mid)
         return self._apps.pop(app_id, None) is not None
 
     async def put_device_credential(self, cred: DeviceCredential) -> None:
@@ -323,3 +334,133 @@ class MemoryStore:
         for k in gone:
             del self._outbox[k]
         return len(gone)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _forget_message(self, message_id: str) -> None:
+        m = self._messages.pop(message_id)
+        if m.idempotency_key is not None:
+            self._message_keys.pop((m.app_id, m.idempotency_key), None)
+
+    async def create_message(self, message: Message) -> tuple[Message, bool]:
+        """Insert a message; on a taken idempotency key return (holder, False) instead."""
+        if message.idempotency_key is not None:
+            holder = self._message_keys.get((message.app_id, message.idempotency_key))
+            if holder is not None:
+                return self._messages[holder], False
+        if message.id in self._messages:
+            raise AlreadyExists(f"message {message.id!r} exists")
+        self._message_seq += 1
+        stored = dataclasses.replace(message, seq=self._message_seq)
+        self._messages[message.id] = stored
+        if message.idempotency_key is not None:
+            self._message_keys[(message.app_id, message.idempotency_key)] = message.id
+        return stored, True
+
+    async def get_message(self, app_id: str, message_id: str) -> Message | None:
+        """One message of the app, or None."""
+        m = self._messages.get(message_id)
+        return m if m is not None and m.app_id == app_id else None
+
+    async def list_messages(
+        self, app_id: str, device_id: str, states: Collection[str], limit: int
+    ) -> list[Message]:
+        """The device's messages in the given states (all when empty), oldest first."""
+        out: list[Message] = []
+        for m in self._messages.values():
+            if len(out) >= limit:
+                break
+            if (
+                m.app_id == app_id
+                and m.device_id == device_id
+                and (not states or m.state in states)
+            ):
+                out.append(m)
+        return out
+
+    async def update_message(
+        self,
+        app_id: str,
+        message_id: str,
+        from_states: Collection[str],
+        state: str,
+        now: float,
+        *,
+        reply: bytes | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+        attempt: bool = False,
+    ) -> bool:
+        """Move a message to ``state`` if it is in one of ``from_states``; count an attempt."""
+        m = self._messages.get(message_id)
+        if m is None or m.app_id != app_id or m.state not in from_states:
+            return False
+        self._messages[message_id] = dataclasses.replace(
+            m,
+            state=state,
+            updated_at=now,
+            reply=reply,
+            error=error,
+            detail=detail,
+            attempts=m.attempts + int(attempt),
+        )
+        return True
+
+    async def delete_message(self, app_id: str, message_id: str) -> bool:
+        """Forget a message."""
+        m = self._messages.get(message_id)
+        if m is None or m.app_id != app_id:
+            return False
+        self._forget_message(message_id)
+        return True
+
+    async def get_message_by_key(self, app_id: str, key: str) -> Message | None:
+        """The app's message holding an idempotency key, or None."""
+        holder = self._message_keys.get((app_id, key))
+        return None if holder is None else self._messages[holder]
+
+    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
+        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
+        lanes: list[tuple[str, str]] = []
+        for mid, m in self._messages.items():
+            if m.state == QUEUED and m.expires_at is not None and m.expires_at <= now:
+                self._messages[mid] = dataclasses.replace(
+                    m,
+                    state=EXPIRED,
+                    updated_at=now,
+                    error="expired",
+                    detail="the message expired before the device took it",
+                )
+                lanes.append((m.app_id, m.device_id))
+        return lanes
+
+    async def queued_devices(self) -> dict[tuple[str, str], int]:
+        """How many messages are queued per (app, device) that has any."""
+        counts: dict[tuple[str, str], int] = {}
+        for m in self._messages.values():
+            if m.state == QUEUED:
+                lane = (m.app_id, m.device_id)
+                counts[lane] = counts.get(lane, 0) + 1
+        return counts
+
+    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
+        """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
+        count = 0
+        for mid, m in self._messages.items():
+            if m.state == SENT:
+                self._messages[mid] = dataclasses.replace(
+                    m, state=DELIVERED, updated_at=now, error="interrupted", detail=detail
+                )
+                count += 1
+        return count
+
+    async def purge_messages(self, older_than: float) -> int:
+        """Delete final messages last changed before ``older_than``; return how many."""
+        old = [
+            k
+            for k, m in self._messages.items()
+            if m.state in MESSAGE_FINAL and m.updated_at < older_than
+        ]
+        for mid in old:
+            self._forget_message(mid)
+        return len(old)

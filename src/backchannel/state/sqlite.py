@@ -17,11 +17,16 @@ import orjson
 from backchannel.state.store import (
     DEAD,
     DELIVERED,
+    EXPIRED,
+    MESSAGE_FINAL,
     PENDING,
+    QUEUED,
+    SENT,
     AlreadyExists,
     AppRecord,
     Delivery,
     DeviceCredential,
+    Message,
     NewDelivery,
     NewEvent,
     StoredEvent,
@@ -115,6 +120,40 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX webhook_outbox_lanes ON webhook_outbox (state, app_id, device_id, id);
     CREATE INDEX webhook_outbox_by_app ON webhook_outbox (app_id, state, id);
     """,
+    # Messages: the offline queue and idempotent calls. ``seq`` orders a device's queue.
+    """
+    CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        app_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        method TEXT NOT NULL,
+        body BLOB NOT NULL,
+        body_hash TEXT NOT NULL,
+        idempotency_key TEXT,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL,
+        timeout REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        reply BLOB,
+        error TEXT,
+        detail TEXT
+    );
+    CREATE UNIQUE INDEX messages_by_key ON messages (app_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX messages_lanes ON messages (state, app_id, device_id, seq);
+    CREATE INDEX messages_by_device ON messages (app_id, device_id, seq);
+    CREATE INDEX messages_by_expiry ON messages (state, expires_at);
+    CREATE INDEX messages_by_update ON messages (state, updated_at);
+    """,
+)
+
+_MESSAGE_COLUMNS = (
+    "id, app_id, device_id, mode, method, body, body_hash, idempotency_key, state, "
+    "created_at, updated_at, expires_at, timeout, attempts, reply, error, detail, seq"
 )
 
 _INSERT_EVENTS = "INSERT INTO events (app_id, device_id, type, data, ts) VALUES "
@@ -227,6 +266,33 @@ def _insert_outbox(conn: sqlite3.Connection, rows: Sequence[NewDelivery]) -> lis
         last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         ids += range(last - len(chunk) + 1, last + 1)
     return ids
+
+
+def _message_from_row(r: tuple[Any, ...]) -> Message:
+    return Message(
+        id=r[0],
+        app_id=r[1],
+        device_id=r[2],
+        mode=r[3],
+        method=r[4],
+        body=bytes(r[5]),
+        body_hash=r[6],
+        idempotency_key=r[7],
+        state=r[8],
+        created_at=r[9],
+        updated_at=r[10],
+        expires_at=r[11],
+        timeout=r[12],
+        attempts=r[13],
+        reply=None if r[14] is None else bytes(r[14]),
+        error=r[15],
+        detail=r[16],
+        seq=r[17],
+    )
+
+
+def _placeholders(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 def _cred_from_row(row: tuple[Any, ...]) -> DeviceCredential:
@@ -392,6 +458,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM tunnel_names WHERE app_id = ?", (app_id,))
                 conn.execute("DELETE FROM events WHERE app_id = ?", (app_id,))
                 conn.execute("DELETE FROM webhook_outbox WHERE app_id = ?", (app_id,))
+                conn.execute("DELETE FROM messages WHERE app_id = ?", (app_id,))
                 return conn.execute("DELETE FROM apps WHERE app_id = ?", (app_id,)).rowcount > 0
 
         return await self._run(run)
@@ -804,4 +871,179 @@ class SqliteStore:
         return await self._exec(
             "DELETE FROM webhook_outbox WHERE state = ? AND created_at < ?",
             (DELIVERED, older_than),
+        )
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def create_message(self, message: Message) -> tuple[Message, bool]:
+        """Insert a message; on a taken idempotency key return (holder, False) instead."""
+        m = message
+
+        def run(conn: sqlite3.Connection) -> tuple[Message, bool]:
+            with _transaction(conn):
+                if m.idempotency_key is not None:
+                    row = conn.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages "
+                        "WHERE app_id = ? AND idempotency_key = ?",
+                        (m.app_id, m.idempotency_key),
+                    ).fetchone()
+                    if row is not None:
+                        return _message_from_row(row), False
+                cur = conn.execute(
+                    "INSERT INTO messages (id, app_id, device_id, mode, method, body, body_hash, "
+                    "idempotency_key, state, created_at, updated_at, expires_at, timeout, "
+                    "attempts, reply, error, detail) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        m.id,
+                        m.app_id,
+                        m.device_id,
+                        m.mode,
+                        m.method,
+                        m.body,
+                        m.body_hash,
+                        m.idempotency_key,
+                        m.state,
+                        m.created_at,
+                        m.updated_at,
+                        m.expires_at,
+                        m.timeout,
+                        m.attempts,
+                        m.reply,
+                        m.error,
+                        m.detail,
+                    ),
+                )
+                return dataclasses.replace(m, seq=int(cur.lastrowid or 0)), True
+
+        try:
+            return await self._run(run)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"message {m.id!r} exists") from exc
+
+    async def get_message(self, app_id: str, message_id: str) -> Message | None:
+        """One message of the app, or None."""
+
+        def run(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ? AND app_id = ?",
+                (message_id, app_id),
+            ).fetchone()
+            return None if row is None else _message_from_row(row)
+
+        return await self._run(run)
+
+    async def list_messages(
+        self, app_id: str, device_id: str, states: Collection[str], limit: int
+    ) -> list[Message]:
+        """The device's messages in the given states (all when empty), oldest first."""
+        wanted = tuple(states)
+
+        def run(conn: sqlite3.Connection) -> list[Message]:
+            where = "app_id = ? AND device_id = ?"
+            params: tuple[Any, ...] = (app_id, device_id)
+            if wanted:
+                where += f" AND state IN ({_placeholders(len(wanted))})"
+                params += wanted
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq LIMIT ?",
+                (*params, max(limit, 0)),
+            )
+            return [_message_from_row(r) for r in rows]
+
+        return await self._run(run)
+
+    async def update_message(
+        self,
+        app_id: str,
+        message_id: str,
+        from_states: Collection[str],
+        state: str,
+        now: float,
+        *,
+        reply: bytes | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+        attempt: bool = False,
+    ) -> bool:
+        """Move a message to ``state`` if it is in one of ``from_states``; count an attempt."""
+        froms = tuple(from_states)
+        return (
+            await self._exec(
+                "UPDATE messages SET state = ?, updated_at = ?, reply = ?, error = ?, detail = ?, "
+                "attempts = attempts + ? "
+                f"WHERE id = ? AND app_id = ? AND state IN ({_placeholders(len(froms))})",
+                (state, now, reply, error, detail, int(attempt), message_id, app_id, *froms),
+            )
+            > 0
+        )
+
+    async def delete_message(self, app_id: str, message_id: str) -> bool:
+        """Forget a message."""
+        return (
+            await self._exec(
+                "DELETE FROM messages WHERE id = ? AND app_id = ?", (message_id, app_id)
+            )
+            > 0
+        )
+
+    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
+        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            with _transaction(conn):
+                rows = conn.execute(
+                    "SELECT app_id, device_id FROM messages WHERE state = ? AND expires_at <= ?",
+                    (QUEUED, now),
+                ).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE messages SET state = ?, updated_at = ?, error = 'expired', "
+                        "detail = 'the message expired before the device took it' "
+                        "WHERE state = ? AND expires_at <= ?",
+                        (EXPIRED, now, QUEUED, now),
+                    )
+                return [(str(a), str(d)) for a, d in rows]
+
+        return await self._run(run)
+
+    async def get_message_by_key(self, app_id: str, key: str) -> Message | None:
+        """The app's message holding an idempotency key, or None."""
+
+        def run(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE app_id = ? AND idempotency_key = ?",
+                (app_id, key),
+            ).fetchone()
+            return None if row is None else _message_from_row(row)
+
+        return await self._run(run)
+
+    async def queued_devices(self) -> dict[tuple[str, str], int]:
+        """How many messages are queued per (app, device) that has any."""
+
+        def run(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = conn.execute(
+                "SELECT app_id, device_id, COUNT(*) FROM messages WHERE state = ? "
+                "GROUP BY app_id, device_id",
+                (QUEUED,),
+            )
+            return {(str(a), str(d)): int(n) for a, d, n in rows}
+
+        return await self._run(run)
+
+    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
+        """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
+        return await self._exec(
+            "UPDATE messages SET state = ?, updated_at = ?, error = 'interrupted', detail = ? "
+            "WHERE state = ?",
+            (DELIVERED, now, detail, SENT),
+        )
+
+    async def purge_messages(self, older_than: float) -> int:
+        """Delete final messages last changed before ``older_than``; return how many."""
+        return await self._exec(
+            f"DELETE FROM messages WHERE state IN ({_placeholders(len(MESSAGE_FINAL))}) "
+            "AND updated_at < ?",
+            (*MESSAGE_FINAL, older_than),
         )

@@ -130,6 +130,45 @@ class Delivery:
     last_error: str | None
 
 
+#: Message states (``GET .../messages/{id}``); the last four are final.
+QUEUED = "queued"  # waiting for the device (or for its turn)
+SENT = "sent"  # handed to the device's connection, awaiting the reply
+REPLIED = "replied"  # the device replied; the reply is kept
+FAILED = "failed"  # the device answered with an error, or the message cannot be delivered
+# ``delivered`` (the outbox's DELIVERED): handed over, but no reply came (see ``error``);
+# never sent again, because the device may have acted on it.
+EXPIRED = "expired"  # the TTL passed before the device took it
+MESSAGE_FINAL = (REPLIED, FAILED, DELIVERED, EXPIRED)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message to one device: queued for later delivery, or a call made idempotent by key."""
+
+    id: str
+    app_id: str
+    device_id: str
+    #: ``queue`` (answered 202, delivered when the device is there) or ``call`` (answered
+    #: synchronously; recorded only because it carried an ``Idempotency-Key``).
+    mode: str
+    method: str
+    body: bytes
+    body_hash: str
+    idempotency_key: str | None
+    state: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    #: Seconds the device gets to reply once the message is handed to it.
+    timeout: float
+    attempts: int = 0
+    reply: bytes | None = None
+    error: str | None = None
+    detail: str | None = None
+    #: Order of creation (given by the store): queued messages go out in this order.
+    seq: int = 0
+
+
 class Store(Protocol):
     """Durable state. Every method is a coroutine and safe to call from the event loop.
 
@@ -152,6 +191,10 @@ class Store(Protocol):
       - Webhook outbox ids increase and are never reused. ``due_deliveries`` returns, per
         (app, device), only the oldest ``pending`` row, and only if its time has come.
         ``delete_app`` also deletes the app's outbox rows.
+      - ``create_message`` gives ``seq`` (increasing); a message whose (app, idempotency
+        key) is taken is not written, and the one holding the key is returned instead.
+        ``update_message`` changes a message only while its state is one of
+        ``from_states`` (compare and set). ``delete_app`` also deletes the app's messages.
       - Data written before ``close()`` is readable after a new ``open()`` on the same
         location (except for the memory store, which keeps nothing).
     """
@@ -316,4 +359,60 @@ class Store(Protocol):
 
     async def purge_deliveries(self, older_than: float) -> int:
         """Delete delivered rows created before ``older_than``; return how many."""
+        ...
+
+    # -- messages (offline queue and idempotent calls) -------------------------------------
+
+    async def create_message(self, message: Message) -> tuple[Message, bool]:
+        """Insert a message; on a taken idempotency key return (holder, False) instead."""
+        ...
+
+    async def get_message(self, app_id: str, message_id: str) -> Message | None:
+        """One message of the app, or None."""
+        ...
+
+    async def list_messages(
+        self, app_id: str, device_id: str, states: Collection[str], limit: int
+    ) -> list[Message]:
+        """The device's messages in the given states (all when empty), oldest first."""
+        ...
+
+    async def update_message(
+        self,
+        app_id: str,
+        message_id: str,
+        from_states: Collection[str],
+        state: str,
+        now: float,
+        *,
+        reply: bytes | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+        attempt: bool = False,
+    ) -> bool:
+        """Move a message to ``state`` if it is in one of ``from_states``; count an attempt."""
+        ...
+
+    async def delete_message(self, app_id: str, message_id: str) -> bool:
+        """Forget a message (an idempotent call that changed nothing can be made again)."""
+        ...
+
+    async def get_message_by_key(self, app_id: str, key: str) -> Message | None:
+        """The app's message holding an idempotency key, or None."""
+        ...
+
+    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
+        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
+        ...
+
+    async def queued_devices(self) -> dict[tuple[str, str], int]:
+        """How many messages are queued per (app, device) that has any."""
+        ...
+
+    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
+        """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
+        ...
+
+    async def purge_messages(self, older_than: float) -> int:
+        """Delete final messages last changed before ``older_than``; return how many."""
         ...
