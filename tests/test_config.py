@@ -60,6 +60,9 @@ def test_admin_token_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None
         ({"port": 70000}, "port"),
         ({"default_timeout": 0}, "default_timeout"),
         ({"tls_cert": "x.pem"}, "tls_cert and tls_key go together"),
+        ({"message_ttl": 10, "message_max_ttl": 5}, "message_ttl must not exceed message_max_ttl"),
+        ({"message_ttl": 0}, "message_ttl"),
+        ({"max_queued_per_device": 0}, "max_queued_per_device"),
     ],
 )
 def test_invalid_values(overrides: dict[str, object], message: str) -> None:
@@ -112,3 +115,20 @@ def test_event_retention(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         load_config(event_retention_count=0)
     with pytest.raises(ValidationError, match="event_retention_seconds"):
         load_config(event_retention_seconds=0)
+
+
+def test_fanout_max_devices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from backchannel.cli.serve import serve
+
+    monkeypatch.delenv("BACKCHANNEL_FANOUT_MAX_DEVICES", raising=False)
+    assert load_config().fanout_max_devices == 10_000
+    toml = tmp_path / "c.toml"
+    toml.write_text("fanout_max_devices = 50\n")
+    assert load_config(toml).fanout_max_devices == 50
+    monkeypatch.setenv("BACKCHANNEL_FANOUT_MAX_DEVICES", "60")
+    assert load_config(toml).fanout_max_devices == 60
+    assert load_config(toml, fanout_max_devices=7).fanout_max_devices == 7
+    with pytest.raises(ValidationError, match="fanout_max_devices"):
+        load_config(fanout_max_devices=0)
+    # `backchannel serve` passes its flags to load_config by name.
+    assert "fanout_max_devices" in {p.name for p in serve.params}

@@ -22,6 +22,8 @@ from backchannel.config import Config
 from backchannel.core.apps import AppService
 from backchannel.core.clock import Clock, SystemClock
 from backchannel.core.events import EventLog, EventSettings
+from backchannel.core.fanout import Fanout
+from backchannel.core.messages import Messages, MessageSettings
 from backchannel.core.ratelimit import RateLimiter
 from backchannel.core.relay import Relay, RelayLimits
 from backchannel.core.tokens import TunnelTokens
@@ -33,8 +35,11 @@ from backchannel.frontdoors.app_api import AppApi
 from backchannel.frontdoors.app_websockets import AppWebSockets
 from backchannel.frontdoors.errors import MAX_BODY, json_errors
 from backchannel.frontdoors.event_stream import EventStream
+from backchannel.frontdoors.fanout import FanoutApi
 from backchannel.frontdoors.health import Health
+from backchannel.frontdoors.messages import MessageApi
 from backchannel.frontdoors.socket2me_tokens import Socket2meTokens
+from backchannel.frontdoors.topics import TopicsApi
 from backchannel.frontdoors.tunnel_ingress import TunnelIngress
 from backchannel.frontdoors.webhooks import WebhookApi, Webhooks
 from backchannel.routing.broker import Broker
@@ -54,6 +59,7 @@ RELAY = web.AppKey("backchannel.relay", Relay)
 APPS = web.AppKey("backchannel.apps", AppService)
 WEBHOOKS = web.AppKey("backchannel.webhooks", Webhooks)
 EVENTS = web.AppKey("backchannel.events", EventLog)
+MESSAGES = web.AppKey("backchannel.messages", Messages)
 EVENT_STREAM = web.AppKey("backchannel.event_stream", EventStream)
 #: The protocol factory for Cometa device connections, which the sniffing site needs.
 COMETA = web.AppKey("backchannel.cometa", CometaTransport)
@@ -134,8 +140,22 @@ def build_app(
             max_queue=config.max_inflight_per_device,
         ),
     )
-    api = AppApi(relay, apps, config.default_timeout, config.max_timeout)
+    messages = app[MESSAGES] = Messages(
+        store,
+        relay,
+        clock,
+        MessageSettings(
+            default_ttl=config.message_ttl,
+            max_ttl=config.message_max_ttl,
+            retention=config.message_retention_seconds,
+            max_queued_per_device=config.max_queued_per_device,
+        ),
+    )
+    api = AppApi(relay, apps, config.default_timeout, config.max_timeout, messages)
     api.add_routes(app)
+    MessageApi(messages, api).add_routes(app)
+    TopicsApi(relay, api).add_routes(app)
+    FanoutApi(Fanout(relay, apps, config.fanout_max_devices), api).add_routes(app)
     sockets = AppWebSockets(relay, apps, api, max_message=config.max_body_size)
     sockets.add_routes(app)
     sockets.attach()
@@ -205,10 +225,12 @@ def build_app(
         await names.init_secret()
         await planner.start()
         await events.start()
+        await messages.start()
         relay.start()
         tokens.start()
         yield
         await tokens.stop()
+        await messages.stop()
         # After the relay closed the sessions: their "offline" records are written too.
         await events.stop()
         await planner.stop()

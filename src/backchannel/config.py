@@ -39,6 +39,7 @@ class Config(BaseSettings):
     heartbeat_timeout: float = Field(75.0, gt=0, description="Silence before a device drops (s)")
     max_body_size: int = Field(16 * MiB, ge=1024, description="Largest request/message body")
     max_inflight_per_device: int = Field(10_000, ge=1, description="Calls in flight per device")
+    fanout_max_devices: int = Field(10_000, ge=1, description="Devices one fan-out call may target")
     cometa_liveness: float = Field(120.0, gt=0, description="Silence before a Cometa device drops")
     cometa_stale_grace: float = Field(
         5.0, ge=0, description="How long a Cometa queue waits for a timed-out call's late reply"
@@ -89,6 +90,20 @@ class Config(BaseSettings):
     webhook_retention_seconds: float = Field(
         86400.0, gt=0, description="How long delivered outbox rows are kept (s)"
     )
+    message_ttl: float = Field(
+        86400.0, gt=0, description="Lifetime of a queued message when the call gives no ?ttl= (s)"
+    )
+    message_max_ttl: float = Field(
+        7 * 86400.0, gt=0, description="Longest ?ttl= a queued message may ask for (s)"
+    )
+    message_retention_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="How long finished messages and idempotency keys are kept (s)",
+    )
+    max_queued_per_device: int = Field(
+        1000, ge=1, description="Queued messages a device may have waiting"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")
@@ -101,6 +116,8 @@ class Config(BaseSettings):
             raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
+        if self.message_ttl > self.message_max_ttl:
+            raise ValueError("message_ttl must not exceed message_max_ttl")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         return self

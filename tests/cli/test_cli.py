@@ -548,6 +548,21 @@ class TestSend:
         assert result.stdout_bytes == b""
         assert "not connected" in result.stderr and "418" in result.stderr
 
+    async def test_queue_and_idempotency_key(self, sender: SendSetup) -> None:
+        sender.app_id, sender.secret = await sender.server.create_app()
+        args = (sender.app_id, "later", "x", "--offline", "queue", "--ttl", "60")
+        first = await sender.send(*args, "--idempotency-key", "k1")
+        assert first.exit_code == 0, first.output
+        message = orjson.loads(first.stdout)
+        assert (message["state"], message["device_id"]) == ("queued", "later")
+        again = await sender.send(*args, "--idempotency-key", "k1")
+        assert orjson.loads(again.stdout)["message_id"] == message["message_id"]
+
+    async def test_wait_for_the_device(self, sender: SendSetup) -> None:
+        sender.app_id, sender.secret = await sender.server.create_app()
+        result = await sender.send(sender.app_id, "dev1", "x", "--offline", "wait", "--wait", "0.2")
+        assert result.exit_code == 1 and "418" in result.stderr
+
     async def test_no_reply_times_out(self, sender: SendSetup) -> None:
         async def silent(call: Call) -> None:
             return None

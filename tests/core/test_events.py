@@ -172,6 +172,55 @@ class TestBatching:
         finally:
             await log.stop()
 
+    async def test_congestion_pauses_and_resumes(self, store: SpyStore, clock: FakeClock) -> None:
+        log = EventLog(store, clock, EventSettings(max_pending=8))
+        await log.start()
+        store.gate = asyncio.Event()
+        try:
+            log.on_event("a", "d", "t", b"first")
+            await wait_for(lambda: len(store.batches) == 1)  # the writer holds one event
+            for n in range(3):
+                log.on_event("a", "d", "t", b"%d" % n)
+            assert not log.congested
+            log.on_event("a", "d", "t", b"3")  # 4 waiting: half of max_pending
+            assert log.congested
+            room = asyncio.ensure_future(log.room())
+            await asyncio.sleep(0.01)
+            assert not room.done()
+            store.gate.set()
+            await asyncio.wait_for(room, 2)
+            assert not log.congested
+            await log.drain()
+            assert len(await store.all()) == 5
+        finally:
+            store.gate = None
+            await log.stop()
+
+    async def test_acks_wait_for_the_write(self, store: SpyStore, clock: FakeClock) -> None:
+        log = EventLog(store, clock, EventSettings(max_pending=2))
+        await log.start()
+        store.gate = asyncio.Event()
+        acked: list[str] = []
+        try:
+            log.on_event("a", "d", "t", b"x")
+            log.when_stored(lambda: acked.append("x"))
+            await wait_for(lambda: len(store.batches) == 1)
+            log.on_event("a", "d", "t", b"y")
+            log.when_stored(lambda: acked.append("y"))
+            log.on_event("a", "d", "t", b"z")
+            log.when_stored(lambda: acked.append("z"))
+            log.on_event("a", "d", "t", b"w")  # over max_pending: dropped, never acked
+            log.when_stored(lambda: acked.append("w"))
+            await asyncio.sleep(0.01)
+            assert acked == []  # the write is still held
+            store.gate.set()
+            await log.drain()
+            assert acked == ["x", "y", "z"]
+            assert [e.data for e in await store.all()] == [b"x", b"y", b"z"]
+        finally:
+            store.gate = None
+            await log.stop()
+
     async def test_store_failures_are_retried(
         self, log: EventLog, store: SpyStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:

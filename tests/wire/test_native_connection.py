@@ -31,6 +31,9 @@ from backchannel.wire.native.frames import (
     StreamData,
     StreamOpen,
     StreamReset,
+    Subscribe,
+    SubscribeAck,
+    Unsubscribe,
     parse_frame,
 )
 
@@ -145,6 +148,43 @@ class TestEventsAndPush:
         assert pair.to_client(pair.server.push("config", b"{}")) == Push("config", b"{}")
 
 
+class TestTopics:
+    """docs/protocol.md § Topics."""
+
+    def test_subscribe_and_unsubscribe_get_increasing_nonzero_request_ids(self) -> None:
+        pair = ProtocolPair()
+        first, data = pair.client.subscribe("a/+")
+        second, data2 = pair.client.unsubscribe("a/+")
+        assert (first, second) == (1, 2)
+        assert pair.to_server(data) == Subscribe(1, "a/+")
+        assert pair.to_server(data2) == Unsubscribe(2, "a/+")
+
+    def test_request_ids_wrap_and_skip_zero(self) -> None:
+        pair = ProtocolPair()
+        pair.client._next_request = MAX_ID
+        assert pair.client.subscribe("a")[0] == 1
+
+    def test_ack_echoes_the_request_id_with_or_without_error(self) -> None:
+        pair = ProtocolPair()
+        request_id, _ = pair.client.subscribe("a")
+        assert pair.to_client(pair.server.subscribe_ack(request_id)) == SubscribeAck(request_id)
+        refused = pair.to_client(pair.server.subscribe_ack(request_id, "bad pattern"))
+        assert refused == SubscribeAck(request_id, True, "bad pattern")
+
+    def test_only_the_device_subscribes_and_only_the_server_acks(self) -> None:
+        pair = ProtocolPair()
+        with pytest.raises(LocalProtocolError):
+            pair.server.subscribe("a")
+        with pytest.raises(LocalProtocolError):
+            pair.server.unsubscribe("a")
+        with pytest.raises(LocalProtocolError):
+            pair.client.subscribe_ack(1)
+
+    def test_patterns_longer_than_255_bytes_cannot_be_sent(self) -> None:
+        with pytest.raises(ValueError):
+            ProtocolPair().client.subscribe("é" * 128)
+
+
 def sample(ftype: FrameType, receiver: Role) -> bytes:
     """A valid frame of ``ftype``; stream ids have the parity of the receiver's peer."""
     sid = 2 if receiver is Role.SERVER else 1
@@ -158,6 +198,9 @@ def sample(ftype: FrameType, receiver: Role) -> bytes:
         FrameType.EVENT: Event("e", b""),
         FrameType.EVENT_ACK: EventAck(1),
         FrameType.PUSH: Push("t", b""),
+        FrameType.SUBSCRIBE: Subscribe(1, "a/#"),
+        FrameType.UNSUBSCRIBE: Unsubscribe(1, "a/#"),
+        FrameType.SUBSCRIBE_ACK: SubscribeAck(1),
         FrameType.STREAM_OPEN: StreamOpen(sid, 1024),
         FrameType.STREAM_DATA: StreamData(sid, b""),
         FrameType.STREAM_CREDIT: StreamCredit(sid, 1),
@@ -173,8 +216,14 @@ SERVER_ONLY_SENDS = {
     FrameType.CANCEL,
     FrameType.EVENT_ACK,
     FrameType.PUSH,
+    FrameType.SUBSCRIBE_ACK,
 }
-DEVICE_ONLY_SENDS = {FrameType.REPLY, FrameType.EVENT}
+DEVICE_ONLY_SENDS = {
+    FrameType.REPLY,
+    FrameType.EVENT,
+    FrameType.SUBSCRIBE,
+    FrameType.UNSUBSCRIBE,
+}
 
 
 class TestRoles:

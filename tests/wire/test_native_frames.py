@@ -35,6 +35,9 @@ from backchannel.wire.native.frames import (
     StreamData,
     StreamOpen,
     StreamReset,
+    Subscribe,
+    SubscribeAck,
+    Unsubscribe,
     parse_frame,
 )
 
@@ -53,6 +56,10 @@ ALL_FRAMES: list[Frame] = [
     Event("boot", b""),
     EventAck(3),
     Push("config", b"{}"),
+    Subscribe(1, "sensors/+/temp"),
+    Unsubscribe(MAX_ID, "sensors/#"),
+    SubscribeAck(1),
+    SubscribeAck(2, error=True, reason="too many subscriptions"),
     StreamOpen(1, 256 * 1024, {"method": "GET", "path": "/", "headers": [["host", "x"]]}),
     StreamOpen(2, 1024, fin=True),
     StreamData(1, b"chunk"),
@@ -102,6 +109,9 @@ class TestFrameHeader:
             "EVENT": 0x20,
             "EVENT_ACK": 0x21,
             "PUSH": 0x22,
+            "SUBSCRIBE": 0x23,
+            "UNSUBSCRIBE": 0x24,
+            "SUBSCRIBE_ACK": 0x25,
             "STREAM_OPEN": 0x30,
             "STREAM_DATA": 0x31,
             "STREAM_CREDIT": 0x32,
@@ -140,6 +150,18 @@ class TestRoundTrip:
         frame = parse_frame(frame_bytes(FrameType.HELLO, payload))
         assert frame == Hello("s", 10.0, 30.0, 1024, server="", version=1)
 
+    def test_subscribe_exact_bytes(self) -> None:
+        assert Subscribe(5, "a/+").serialize() == bytes.fromhex("23 00 00000005 03 612f2b")
+        assert Unsubscribe(5, "#").serialize() == bytes.fromhex("24 00 00000005 01 23")
+
+    def test_subscribe_ack_exact_bytes(self) -> None:
+        assert SubscribeAck(5).serialize() == bytes.fromhex("25 00 00000005")
+        assert SubscribeAck(5, True, "no").serialize() == bytes.fromhex("25 01 00000005 6e6f")
+
+    def test_subscribe_ack_error_may_have_an_empty_reason(self) -> None:
+        data = frame_bytes(FrameType.SUBSCRIBE_ACK, flags=0x01, ident=3)
+        assert parse_frame(data) == SubscribeAck(3, True, "")
+
     def test_unknown_flag_bits_are_ignored(self) -> None:
         assert parse_frame(frame_bytes(FrameType.REPLY, b"x", flags=0xFE, ident=1)) == Reply(
             1, b"x"
@@ -152,6 +174,8 @@ class TestRoundTrip:
             Event("é" * 128, b"").serialize()
         with pytest.raises(ValueError):
             Push("t" * 256, b"").serialize()
+        with pytest.raises(ValueError):
+            Subscribe(1, "t" * 256).serialize()
 
 
 MALFORMED: list[tuple[str, bytes, type[ProtocolError]]] = [
@@ -209,6 +233,39 @@ MALFORMED: list[tuple[str, bytes, type[ProtocolError]]] = [
                 {"session": "s", "heartbeat": 1, "timeout": 2, "max_frame": float("inf")}
             ),
         ),
+        MalformedFrame,
+    ),
+    ("SUBSCRIBE without length", frame_bytes(FrameType.SUBSCRIBE, ident=1), MalformedFrame),
+    ("SUBSCRIBE id 0", frame_bytes(FrameType.SUBSCRIBE, b"\x01a"), MalformedFrame),
+    (
+        "SUBSCRIBE pattern truncated",
+        frame_bytes(FrameType.SUBSCRIBE, b"\x05ab", ident=1),
+        MalformedFrame,
+    ),
+    (
+        "SUBSCRIBE pattern not UTF-8",
+        frame_bytes(FrameType.SUBSCRIBE, b"\x01\xff", ident=1),
+        MalformedFrame,
+    ),
+    (
+        "SUBSCRIBE trailing bytes",
+        frame_bytes(FrameType.SUBSCRIBE, b"\x01ab", ident=1),
+        MalformedFrame,
+    ),
+    ("UNSUBSCRIBE id 0", frame_bytes(FrameType.UNSUBSCRIBE, b"\x01a"), MalformedFrame),
+    (
+        "UNSUBSCRIBE trailing bytes",
+        frame_bytes(FrameType.UNSUBSCRIBE, b"\x00x", ident=1),
+        MalformedFrame,
+    ),
+    (
+        "SUBSCRIBE_ACK payload without ERROR",
+        frame_bytes(FrameType.SUBSCRIBE_ACK, b"x", ident=1),
+        MalformedFrame,
+    ),
+    (
+        "SUBSCRIBE_ACK reason not UTF-8",
+        frame_bytes(FrameType.SUBSCRIBE_ACK, b"\xff", flags=0x01, ident=1),
         MalformedFrame,
     ),
     ("PING with payload", frame_bytes(FrameType.PING, b"x"), MalformedFrame),
@@ -317,6 +374,18 @@ def test_reply_round_trip(call_id: int, body: bytes, error: bool) -> None:
 @given(names, st.binary(max_size=1024), ids)
 def test_event_round_trip(name: str, data: bytes, event_id: int) -> None:
     frame = Event(name, data, event_id)
+    assert parse_frame(frame.serialize()) == frame
+
+
+@given(st.integers(min_value=1, max_value=MAX_ID), names, st.booleans())
+def test_subscribe_round_trip(request_id: int, pattern: str, unsubscribe: bool) -> None:
+    frame = Unsubscribe(request_id, pattern) if unsubscribe else Subscribe(request_id, pattern)
+    assert parse_frame(frame.serialize()) == frame
+
+
+@given(ids, st.booleans(), st.text(max_size=100))
+def test_subscribe_ack_round_trip(request_id: int, error: bool, reason: str) -> None:
+    frame = SubscribeAck(request_id, error, reason if error else "")
     assert parse_frame(frame.serialize()) == frame
 
 

@@ -44,6 +44,10 @@ async def send_call(
     *,
     timeout: float | None = None,
     method: str | None = None,
+    offline: str = "fail",
+    wait: float | None = None,
+    ttl: float | None = None,
+    idempotency_key: str | None = None,
 ) -> SendResult:
     """POST ``body`` to the device's ``send`` route and return the status, reply and timeout.
 
@@ -61,10 +65,19 @@ async def send_call(
         params["timeout"] = f"{timeout:g}"
     if method:
         params["method"] = method
+    if offline != "fail":
+        params["offline"] = offline
+    if wait is not None:
+        params["wait"] = f"{wait:g}"
+    if ttl is not None:
+        params["ttl"] = f"{ttl:g}"
     headers = {"Authorization": authorization, "Content-Type": "application/octet-stream"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     # The server enforces the call timeout; the client only guards against a dead server.
+    waited = (wait or timeout or 0.0) if offline == "wait" else 0.0
     client_timeout = aiohttp.ClientTimeout(
-        total=timeout + CLIENT_GRACE if timeout is not None else None, sock_connect=10
+        total=timeout + waited + CLIENT_GRACE if timeout is not None else None, sock_connect=10
     )
     try:
         async with (
@@ -145,6 +158,31 @@ def _reply_json(result: SendResult) -> dict[str, Any]:
     metavar="URL",
     help="The relay (or BACKCHANNEL_SERVER).",
 )
+@click.option(
+    "--offline",
+    type=click.Choice(["fail", "wait", "queue"]),
+    default="fail",
+    show_default=True,
+    help="When the device is offline: fail at once, wait for it, or queue the message "
+    "(prints the message's JSON status; see docs/api.md).",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="With --offline wait: seconds to wait for the device (default: the timeout).",
+)
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="With --offline queue: seconds the message may wait in the queue.",
+)
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="Retries with the same key never reach the device twice.",
+)
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read the body from standard input.")
 @click.option(
     "--json",
@@ -163,6 +201,10 @@ def send(
     secret: str | None,
     admin_token: str | None,
     server: str,
+    offline: str,
+    wait: float | None,
+    ttl: float | None,
+    idempotency_key: str | None,
     from_stdin: bool,
     as_json: bool,
 ) -> None:
@@ -185,8 +227,24 @@ def send(
         )
     payload = sys.stdin.buffer.read() if from_stdin else (body or "").encode()
     result = asyncio.run(
-        send_call(server, app_id, device_id, payload, authorization, timeout=timeout, method=method)
+        send_call(
+            server,
+            app_id,
+            device_id,
+            payload,
+            authorization,
+            timeout=timeout,
+            method=method,
+            offline=offline,
+            wait=wait,
+            ttl=ttl,
+            idempotency_key=idempotency_key,
+        )
     )
+    if result.status == 202:
+        # Queued: the answer is the message's status object, not a device reply.
+        click.echo(result.body.decode("utf-8", "replace"))
+        return
     if 200 <= result.status < 300:
         if as_json:
             print_json(_reply_json(result))

@@ -24,6 +24,15 @@ from backchannel.config import load_config
 @click.option("--heartbeat-timeout", type=float, help="Silence before a device drops [75].")
 @click.option("--max-body-size", type=int, help="Largest body in bytes [16 MiB].")
 @click.option("--max-inflight-per-device", type=int, help="Calls in flight per device [10000].")
+@click.option("--message-ttl", type=float, help="Queued message lifetime without ?ttl= [86400].")
+@click.option("--message-max-ttl", type=float, help="Longest ?ttl= for queued messages [604800].")
+@click.option(
+    "--message-retention-seconds",
+    type=float,
+    help="Keep finished messages and idempotency keys (s) [86400].",
+)
+@click.option("--max-queued-per-device", type=int, help="Queued messages per device [1000].")
+@click.option("--fanout-max-devices", type=int, help="Devices one fan-out may target [10000].")
 @click.option("--cometa-liveness", type=float, help="Silence before a Cometa device drops [120].")
 @click.option("--cometa-stale-grace", type=float, help="Wait for a late Cometa reply [5].")
 @click.option("--token-expire-seconds", type=float, help="Socket2me token lifetime [21600].")

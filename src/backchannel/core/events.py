@@ -8,9 +8,11 @@ reader that remembers the last id it saw can resume after it with no gap and no 
 **The hot path never waits on the store.** The relay's listeners only append to a list in
 memory; one writer task takes everything that piled up (events of the same loop turn, and
 whatever arrived while the previous write ran) and writes it in one store call, one SQLite
-transaction. So the batch grows with the load, and a slow disk costs memory, bounded by
-:attr:`EventSettings.max_pending`, never the device's reader. Past that bound new events are
-dropped and counted (``backchannel_events_dropped_total{reason="backlog"}``).
+transaction. So the batch grows with the load. When the backlog passes half of
+:attr:`EventSettings.max_pending` (or of its byte bound) the log is *congested*: transports
+stop reading from devices that send events (TCP pushes back on them) until the writer brought
+it down to a quarter. Past the full bound, which only a burst within one loop turn can reach,
+new events are dropped and counted (``backchannel_events_dropped_total{reason="backlog"}``).
 
 **Readers see an event only once it is stored.** Ids come from the store, so live
 subscribers are fed after the write, in id order. Each subscriber has a bounded queue; one
@@ -32,6 +34,10 @@ because the device never went offline.
 **Webhooks.** An :class:`OutboxPlanner` (``backchannel.core.webhooks``), when given, names
 the webhook outbox rows of each batch, and the store writes them in the same transaction as
 the events: a stored event always has its delivery stored.
+
+**Acknowledgements mean stored.** A device that asks for an acknowledgement (native
+``EVENT`` with an id) gets it only once its event is in the store (:meth:`EventLog.when_stored`),
+so an acknowledged event survives a crash; an event dropped on the way is never acknowledged.
 
 **Retention** is by count per application and by age; a background task trims every
 ``trim_interval`` seconds, so an application can briefly hold more than the count.
@@ -216,6 +222,16 @@ class EventLog:
         self._online: dict[tuple[str, str], Session] = {}
         # Applications that received events since the last trim; None: check them all.
         self._touched: set[str] | None = None
+        # Acknowledgements waiting for their event's write: (sequence number, callback).
+        # ``_recorded`` counts accepted records, ``_taken`` those handed to the writer.
+        self._acks: list[tuple[int, Callable[[], None]]] = []
+        self._recorded = 0
+        self._taken = 0
+        self._last_accepted = False
+        #: True while the backlog is high: transports pause reading devices (see ``room``).
+        self.congested = False
+        self._room = asyncio.Event()
+        self._room.set()
         #: The highest id stored so far (on this server, across restarts).
         self.last_id = 0
 
@@ -224,6 +240,8 @@ class EventLog:
         relay.on_event(self.on_event)
         relay.on_connect(self.on_connect)
         relay.on_disconnect(self.on_disconnect)
+        relay.when_stored = self.when_stored
+        relay.event_backlog = self
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,6 +260,8 @@ class EventLog:
                 async with asyncio.timeout(timeout):
                     await self.drain()
         self._running = False
+        self._acks = []  # their events were not stored: no acknowledgement
+        self._uncongest()
         if self._pending:
             log.warning("event log stopped with %d events unwritten", len(self._pending))
             metrics.EVENTS_DROPPED.labels("shutdown").inc(len(self._pending))
@@ -315,8 +335,22 @@ class EventLog:
         now = self._clock.time()
         self._record(NewEvent(app_id, device_id, PRESENCE, orjson.dumps(data), now))
 
+    async def room(self) -> None:
+        """Wait until the backlog is low enough for devices to be read again."""
+        await self._room.wait()
+
+    def _uncongest(self) -> None:
+        self.congested = False
+        self._room.set()
+
+    def when_stored(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the record made just before is stored; never if it was dropped."""
+        if self._last_accepted:
+            self._acks.append((self._recorded, callback))
+
     def _record(self, event: NewEvent) -> None:
         settings = self.settings
+        self._last_accepted = False
         if not self._running:
             metrics.EVENTS_DROPPED.labels("stopped").inc()
             return
@@ -326,8 +360,17 @@ class EventLog:
         ):
             metrics.EVENTS_DROPPED.labels("backlog").inc()
             return
+        self._last_accepted = True
+        self._recorded += 1
         self._pending.append(event)
         self._pending_bytes += len(event.data)
+        if not self.congested and (
+            len(self._pending) * 2 >= settings.max_pending
+            or self._pending_bytes * 2 >= settings.max_pending_bytes
+        ):
+            self.congested = True
+            self._room.clear()
+            metrics.EVENT_LOG_CONGESTED.inc()
         self._idle.clear()
         self._wake.set()
 
@@ -339,7 +382,16 @@ class EventLog:
             self._wake.clear()
             while self._pending:
                 batch = self._take_batch()
+                self._taken += len(batch)
+                if self.congested and (
+                    len(self._pending) * 4 <= self.settings.max_pending
+                    and self._pending_bytes * 4 <= self.settings.max_pending_bytes
+                ):
+                    self._uncongest()
+                written_up_to = self._taken
                 stored = await self._append(batch)
+                if self._acks:
+                    self._acknowledge(written_up_to, bool(stored))
                 if stored:
                     self._publish(stored)
                 if self._pending:
@@ -347,6 +399,22 @@ class EventLog:
                     # the subscribers before any of them could write one out.
                     await asyncio.sleep(0)
             self._idle.set()
+
+    def _acknowledge(self, up_to: int, stored: bool) -> None:
+        # Callbacks of this batch's records: called when the write succeeded, forgotten when
+        # the store refused it (the device never gets an ack, and may send the event again).
+        acks = self._acks
+        n = 0
+        while n < len(acks) and acks[n][0] <= up_to:
+            n += 1
+        done, self._acks = acks[:n], acks[n:]
+        if not stored:
+            return
+        for _, callback in done:
+            try:
+                callback()
+            except Exception:
+                log.exception("event acknowledgement failed")
 
     def _take_batch(self) -> list[NewEvent]:
         pending = self._pending

@@ -12,6 +12,10 @@ EVENTS_STORED = Counter("backchannel_events_stored", "Events written to the even
 EVENTS_DROPPED = Counter(
     "backchannel_events_dropped", "Events the event log could not store, by reason", ["reason"]
 )
+EVENT_LOG_CONGESTED = Counter(
+    "backchannel_event_log_congested",
+    "Times the event backlog grew so large that devices stopped being read until it shrank",
+)
 EVENT_STREAMS = Gauge("backchannel_event_streams", "Live event stream subscribers on this node")
 EVENT_STREAMS_DROPPED = Counter(
     "backchannel_event_streams_dropped", "Event stream subscribers dropped for reading too slowly"

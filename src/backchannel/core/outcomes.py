@@ -70,6 +70,29 @@ class ShuttingDown(CallFailed):
     code = "shutting_down"
 
 
+def call_failure(code: str, detail: str, timeout: float = 0.0) -> CallFailed:
+    """Rebuild a recorded call outcome from its code (idempotent replays); unknown: base."""
+    for cls in _CALL_FAILURES:
+        if cls.code == code:
+            if issubclass(cls, CallTimedOut):
+                return cls(timeout, detail)
+            return cls(detail)
+    return CallFailed(detail)
+
+
+_CALL_FAILURES: tuple[type[CallFailed], ...] = (
+    DeviceOffline,
+    TimedOutBeforeDelivery,
+    NoReply,
+    CallTimedOut,
+    DeviceError,
+    DeviceDisconnected,
+    DeviceBusy,
+    InvalidMessage,
+    ShuttingDown,
+)
+
+
 class ForwardFailed(Exception):
     """Base class: a public request through a tunnel got no answer from its client."""
 

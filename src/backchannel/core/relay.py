@@ -8,10 +8,11 @@ device's session lives in this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from backchannel.core import metrics
 from backchannel.core.appstats import AppStats
@@ -20,6 +21,7 @@ from backchannel.core.hub import Hub
 from backchannel.core.outcomes import CallFailed, DeviceOffline, ShuttingDown
 from backchannel.core.presence import presence
 from backchannel.core.session import CloseReason, Session
+from backchannel.core.topics import TopicIndex, validate_topic
 from backchannel.routing.broker import Broker
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,16 @@ ConnectListener = Callable[[str, str, Session], None]
 #: Called when a call made through this node ends: (app_id, device_id, error code or None
 #: for a reply, duration in ms). Must not block.
 CallListener = Callable[[str, str, str | None, float], None]
+
+
+class EventBacklog(Protocol):
+    """The event log's backlog, as transports see it: when to stop reading devices."""
+
+    congested: bool
+
+    async def room(self) -> None:
+        """Wait until devices may be read again."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +76,18 @@ class Relay:
         self._disconnect_listeners: list[DisconnectListener] = []
         self._connect_listeners: list[ConnectListener] = []
         self._call_listeners: list[CallListener] = []
+        #: Callers waiting for a device to connect (``?offline=wait``), per (app, device).
+        self._online_waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         #: Open app WebSockets of a device on this node, for presence (set by the front door).
         self.websocket_counter: Callable[[str, str], int] | None = None
+        #: Runs a callback once the event recorded last is durably stored (set by the event
+        #: log); None: events are not stored, so acknowledgements go out at once.
+        self.when_stored: Callable[[Callable[[], None]], None] | None = None
+        #: The event log's backlog (set by the event log): transports pause reading devices
+        #: while it is congested, instead of letting events be dropped.
+        self.event_backlog: EventBacklog | None = None
+        #: Topic subscriptions of this node's device sessions (see the topics section).
+        self.topics = TopicIndex()
 
     def on_event(self, listener: EventListener) -> None:
         """Register a consumer of upstream events (webhooks, app WebSockets...)."""
@@ -178,6 +200,11 @@ class Relay:
                 listener(session.app_id, session.device_id, session)
             except Exception:
                 log.exception("connect listener failed")
+        waiters = self._online_waiters.pop((session.app_id, session.device_id), None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def unregister(self, session: Session, reason: CloseReason) -> None:
         """Forget ``session`` if it is still current (a replaced session changes nothing)."""
@@ -192,8 +219,14 @@ class Relay:
             except Exception:
                 log.exception("disconnect listener failed")
 
-    def device_event(self, session: Session, name: str, data: bytes) -> None:
-        """An upstream event arrived from a device: count it and log it."""
+    def device_event(
+        self, session: Session, name: str, data: bytes, ack: Callable[[], None] | None = None
+    ) -> None:
+        """An upstream event arrived from a device: count it, hand it to the listeners.
+
+        ``ack`` (for a device that asked for an acknowledgement) runs once the event is
+        stored, or at once when nothing stores events; never for an event that was dropped.
+        """
         session.stats.events += 1
         metrics.EVENTS.inc()
         # DEBUG: at thousands of events a second, one INFO line each would drown the log.
@@ -205,6 +238,11 @@ class Relay:
                 listener(session.app_id, session.device_id, name, data)
             except Exception:
                 log.exception("event listener failed")
+        if ack is not None:
+            if self.when_stored is None:
+                ack()
+            else:
+                self.when_stored(ack)
 
     # -- operations (called by front doors) ----------------------------------------------
 
@@ -263,6 +301,36 @@ class Relay:
             raise DeviceOffline(f"device {device_id} is not connected")
         return await self.broker.forward_call(node, app_id, device_id, body, method, timeout)
 
+    async def wait_online(self, app_id: str, device_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the device to be connected; False if it is not.
+
+        Single node: in cluster mode a connect on another node is seen only through the
+        broker's ownership check made first.
+        """
+        if self.hub.get(app_id, device_id) is not None:
+            return True
+        owner = await self.broker.owner(app_id, device_id)
+        if owner is not None and owner != self.node_id:
+            return True
+        if timeout <= 0 or self.closing:
+            return False
+        lane = (app_id, device_id)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._online_waiters.setdefault(lane, []).append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._online_waiters.get(lane)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._online_waiters[lane]
+
     async def presence(self, app_id: str, device_id: str) -> dict[str, Any] | None:
         """The device's presence object, or None when it is offline."""
         session = self.hub.get(app_id, device_id)
@@ -299,3 +367,39 @@ class Relay:
             await session.close(reason, "application deleted")
             await self.unregister(session, reason)
         return len(sessions)
+
+    # -- topics ----------------------------------------------------------------------------
+    # Devices subscribe through their transport (native SUBSCRIBE frames), which adds the
+    # session to ``self.topics`` and drops it when the session ends. Single node for now: in
+    # cluster mode a publish must go through the broker to reach every node's subscribers.
+
+    def publish(self, app_id: str, topic: str, data: bytes) -> int:
+        """Push ``data`` to every subscriber of ``topic`` on this node; return how many got it.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic name.
+        """
+        validate_topic(topic)
+        delivered = 0
+        for subscriber in self.topics.match(app_id, topic):
+            # One broken or congested session must not cost the others their message.
+            try:
+                subscriber.push(topic, data)
+            except ConnectionError as exc:
+                log.debug("push to %s/%s dropped: %s", app_id, subscriber.device_id, exc)
+                continue
+            except Exception:
+                log.exception("push to %s/%s failed", app_id, subscriber.device_id)
+                continue
+            delivered += 1
+        return delivered
+
+    def topic_devices(self, app_id: str, topic: str) -> list[str]:
+        """Ids of the devices on this node subscribed to a pattern matching ``topic``.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic name.
+        """
+        validate_topic(topic)
+        # dict.fromkeys: a device whose old and new sessions overlap (takeover) counts once.
+        return list(dict.fromkeys(s.device_id for s in self.topics.match(app_id, topic)))

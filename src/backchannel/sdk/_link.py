@@ -27,7 +27,8 @@ from backchannel.sdk._streams import (
     StreamMux,
     StreamResetError,
 )
-from backchannel.sdk.errors import NotConnected
+from backchannel.sdk._topics import PushQueue, Subscriptions
+from backchannel.sdk.errors import NotConnected, SubscriptionRefused
 from backchannel.wire.errors import ProtocolError
 from backchannel.wire.native import SUBPROTOCOL, NativeConnection, Role
 from backchannel.wire.native.frames import (
@@ -41,6 +42,7 @@ from backchannel.wire.native.frames import (
     StreamData,
     StreamOpen,
     StreamReset,
+    SubscribeAck,
 )
 from backchannel.wire.native.tunnel import KIND_HTTP
 
@@ -87,6 +89,7 @@ class Routes:
     by_method: dict[str, Route] = field(default_factory=dict)
     fallback: Route | None = None
     tunnel: TunnelService | None = None
+    topics: Subscriptions = field(default_factory=Subscriptions)
 
 
 def as_bytes(result: object) -> bytes:
@@ -179,6 +182,8 @@ class Link:
         self._on_push = on_push
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._requests: dict[int, asyncio.Future[SubscribeAck]] = {}
+        self._pushes = PushQueue(routes.topics)
         self.streams = StreamMux(conn, self._send_stream_frame)
         self._stream_tasks: dict[int, asyncio.Task[None]] = {}
         # Set when we close: the code to send, whoever ends up sending the close frame.
@@ -210,6 +215,10 @@ class Link:
             for future in self._acks.values():
                 if not future.done():
                     future.set_exception(NotConnected("connection lost before the event's ack"))
+            for request in self._requests.values():
+                if not request.done():
+                    request.set_exception(NotConnected("connection lost before the server's ack"))
+            self._pushes.close()
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code or 1000, message=self._close_message)
             if stream_tasks:
@@ -296,6 +305,11 @@ class Link:
                 future.set_result(None)
         elif isinstance(frame, Push):
             await call_hook(self._on_push, frame.topic, frame.data)
+            self._pushes.put(frame.topic, frame.data)
+        elif isinstance(frame, SubscribeAck):
+            request = self._requests.pop(frame.request_id, None)
+            if request is not None and not request.done():
+                request.set_result(frame)
         elif isinstance(frame, StreamData | StreamCredit | StreamReset):
             self.streams.dispatch(frame)
             if isinstance(frame, StreamReset):
@@ -379,3 +393,28 @@ class Link:
         finally:
             if ack:
                 self._acks.pop(event_id, None)
+
+    async def subscription(self, pattern: str, subscribe: bool, timeout: float) -> None:
+        """Send SUBSCRIBE (or UNSUBSCRIBE) and wait for its SUBSCRIBE_ACK on this connection.
+
+        Raises:
+            SubscriptionRefused: the server refused it; the reason is the detail.
+            NotConnected: the connection dropped first.
+            TimeoutError: no answer within ``timeout`` seconds.
+        """
+        if self.ws.closed:
+            raise NotConnected("the connection is closed")
+        conn = self.conn
+        request_id, frame = conn.subscribe(pattern) if subscribe else conn.unsubscribe(pattern)
+        future = self._requests[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                await self.ws.send_bytes(frame)
+            except _SEND_ERRORS as exc:
+                raise NotConnected(f"the connection dropped: {exc}") from None
+            async with asyncio.timeout(timeout):
+                ack = await future
+        finally:
+            self._requests.pop(request_id, None)
+        if ack.error:
+            raise SubscriptionRefused(f"pattern {pattern!r}: {ack.reason}")

@@ -7,11 +7,12 @@ synchronous code by running an :class:`AsyncClient` on a private loop thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import ssl as ssl_module
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import aiohttp
@@ -21,6 +22,8 @@ import backchannel
 from backchannel.sdk._events import Event, SseParser
 from backchannel.sdk._sync import LoopThread
 from backchannel.sdk.errors import BackchannelError, ServerUnavailable, error_from_response
+from backchannel.sdk.fanout import FanoutResult
+from backchannel.sdk.messages import Message
 
 SSLArg = ssl_module.SSLContext | bool | None
 
@@ -77,8 +80,9 @@ class AsyncClient:
         path: str,
         *,
         data: bytes | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> bytes:
         """Send one request; return the body of a 2xx answer, else raise its typed error."""
         url = self._base + path
@@ -88,7 +92,7 @@ class AsyncClient:
                 url,
                 data=data,
                 params=params,
-                headers=self._headers,
+                headers={**self._headers, **headers} if headers else self._headers,
                 timeout=timeout or _DEFAULT_TIMEOUT,
                 ssl=self._ssl,
             ) as resp:
@@ -106,18 +110,33 @@ class AsyncClient:
             ) from exc
 
     async def _json(self, method: str, path: str) -> dict[str, Any]:
-        raw = await self._request(method, path)
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BackchannelError(
-                f"the server answered {method} {path} with non-JSON", error="bad_response"
-            ) from exc
-        if not isinstance(data, dict):
-            raise BackchannelError(
-                f"the server answered {method} {path} with a non-object", error="bad_response"
-            )
-        return data
+        return _loads_object(await self._request(method, path), f"{method} {path}")
+
+    @overload
+    async def send(
+        self,
+        device_id: str,
+        body: bytes | str,
+        *,
+        timeout: float | None = None,
+        method: str | None = None,
+        offline: Literal["fail", "wait"] = "fail",
+        wait: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes: ...
+
+    @overload
+    async def send(
+        self,
+        device_id: str,
+        body: bytes | str,
+        *,
+        timeout: float | None = None,
+        method: str | None = None,
+        offline: Literal["queue"],
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Message: ...
 
     async def send(
         self,
@@ -126,30 +145,166 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         method: str | None = None,
-    ) -> bytes:
+        offline: Literal["fail", "wait", "queue"] = "fail",
+        wait: float | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes | Message:
         """Call the device with ``body`` (str is sent as UTF-8) and return its raw reply.
+
+        ``offline`` says what happens when the device is not connected: ``"fail"`` raises
+        DeviceOffline at once; ``"wait"`` waits up to ``wait`` seconds (default: the
+        timeout) for it to connect; ``"queue"`` returns a :class:`Message` at once, which
+        the server delivers when the device connects, within ``ttl`` seconds (read its
+        progress with :meth:`message` or :meth:`wait_message`). With ``idempotency_key``,
+        a retry of the same request gets the first one's outcome instead of a second call.
 
         Raises:
             DeviceOffline, CallTimeout (TimedOutBeforeDelivery, NoReply), DeviceError,
-            DeviceDisconnected, DeviceBusy, Unauthorized, NotFound, BodyTooLarge,
-            ServerUnavailable: see ``backchannel.sdk.errors``.
+            DeviceDisconnected, DeviceBusy, QueueFull, IdempotencyKeyReused, Conflict,
+            Unauthorized, NotFound, BodyTooLarge, BadRequest, ServerUnavailable: see
+            ``backchannel.sdk.errors``.
         """
         params: dict[str, str] = {}
         if timeout is not None:
             params["timeout"] = repr(float(timeout))
         if method:
             params["method"] = method
+        if offline != "fail":
+            params["offline"] = offline
+        if wait is not None:
+            params["wait"] = repr(float(wait))
+        if ttl is not None:
+            params["ttl"] = repr(float(ttl))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
+        waited = (wait if wait is not None else (timeout or 0.0)) if offline == "wait" else 0.0
+        http_timeout = aiohttp.ClientTimeout(
+            total=None if timeout is None else timeout + waited + _SEND_MARGIN,
+            sock_connect=_CONNECT_TIMEOUT,
+        )
+        path = f"/devices/{quote(device_id, safe='')}/send"
+        raw = await self._request(
+            "POST",
+            path,
+            data=_body_bytes(body),
+            params=params,
+            timeout=http_timeout,
+            headers=headers,
+        )
+        if offline == "queue":
+            return Message.from_json(_loads_object(raw, f"POST {path}"))
+        return raw
+
+    async def message(self, message_id: str) -> Message:
+        """A message's state, and its reply once replied (raises NotFound for an unknown id)."""
+        path = f"/messages/{quote(message_id, safe='')}"
+        return Message.from_json(await self._json("GET", path))
+
+    async def wait_message(
+        self, message_id: str, timeout: float = 60.0, poll: float = 0.25
+    ) -> Message:
+        """Poll a message until it is final (replied, failed, delivered or expired).
+
+        Raises:
+            TimeoutError: it is still queued or sent after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            message = await self.message(message_id)
+            if message.final:
+                return message
+            if loop.time() >= deadline:
+                raise TimeoutError(f"message {message_id} is still {message.state}")
+            await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
+
+    async def messages(
+        self, device_id: str, states: Iterable[str] = (), limit: int = 100
+    ) -> list[Message]:
+        """A device's messages, oldest first, optionally only those in ``states``."""
+        params: list[tuple[str, str]] = [("state", s) for s in states]
+        params.append(("limit", str(limit)))
+        path = f"/devices/{quote(device_id, safe='')}/messages"
+        data = _loads_object(await self._request("GET", path, params=params), f"GET {path}")
+        return [Message.from_json(m) for m in data.get("messages", [])]
+
+    async def cancel(self, message_id: str) -> Message:
+        """Take a queued message out of the queue (raises Conflict once it left the queue)."""
+        path = f"/messages/{quote(message_id, safe='')}"
+        return Message.from_json(_loads_object(await self._request("DELETE", path), path))
+
+    async def fanout(
+        self,
+        message: bytes | str,
+        *,
+        devices: Iterable[str] | None = None,
+        tag: str | None = None,
+        topic: str | None = None,
+        method: str = "",
+        timeout: float | None = None,
+    ) -> FanoutResult:
+        """Call many devices with one message at once; every device's outcome, in order.
+
+        Give exactly one of ``devices`` (ids), ``tag`` or ``topic``. A device that is
+        offline, times out or fails does not raise: see each result's ``status``.
+
+        Raises:
+            ValueError: not exactly one target given.
+            BadRequest, Unauthorized, NotFound, BodyTooLarge, ServerUnavailable: the
+                request as a whole was refused; no device was called.
+        """
+        if sum(target is not None for target in (devices, tag, topic)) != 1:
+            raise ValueError("give exactly one of devices=, tag= or topic=")
+        payload: dict[str, Any] = {}
+        if devices is not None:
+            # A bare string would be split into characters: take it as one id.
+            payload["devices"] = [devices] if isinstance(devices, str) else list(devices)
+        elif tag is not None:
+            payload["tag"] = tag
+        else:
+            payload["topic"] = topic
+        if isinstance(message, str):
+            payload["message"] = message
+        else:
+            payload["message_base64"] = base64.b64encode(bytes(message)).decode("ascii")
+        if method:
+            payload["method"] = method
+        if timeout is not None:
+            payload["timeout"] = float(timeout)
         http_timeout = aiohttp.ClientTimeout(
             total=None if timeout is None else timeout + _SEND_MARGIN,
             sock_connect=_CONNECT_TIMEOUT,
         )
-        return await self._request(
+        raw = await self._request(
             "POST",
-            f"/devices/{quote(device_id, safe='')}/send",
-            data=_body_bytes(body),
-            params=params,
+            "/fanout",
+            data=orjson.dumps(payload),
             timeout=http_timeout,
+            headers={"Content-Type": "application/json"},
         )
+        return FanoutResult.from_object(_loads_object(raw, "POST /fanout"))
+
+    async def publish(self, topic: str, data: bytes | str) -> int:
+        """Push ``data`` (str as UTF-8) to the devices subscribed to ``topic``; return how many.
+
+        Only devices connected now receive it: nothing is stored for offline devices.
+
+        Raises:
+            ValueError: the topic is empty (there would be no route to post to).
+            BadRequest: the server refused the topic (over 255 bytes, or with ``+``/``#``).
+            Unauthorized, NotFound, BodyTooLarge, ServerUnavailable: see
+                ``backchannel.sdk.errors``.
+        """
+        if not topic:
+            raise ValueError("the topic must not be empty")
+        path = f"/topics/{quote(topic, safe='/')}"
+        raw = await self._request("POST", path, data=_body_bytes(data))
+        devices = _loads_object(raw, f"POST {path}").get("devices")
+        if not isinstance(devices, int):
+            raise BackchannelError(
+                f"the server answered POST {path} without a device count", error="bad_response"
+            )
+        return devices
 
     async def devices(self) -> list[str]:
         """The ids of the application's connected devices."""
@@ -249,6 +404,20 @@ class AsyncClient:
         await self.close()
 
 
+def _loads_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BackchannelError(
+            f"the server answered {what} with non-JSON", error="bad_response"
+        ) from exc
+    if not isinstance(data, dict):
+        raise BackchannelError(
+            f"the server answered {what} with a non-object", error="bad_response"
+        )
+    return data
+
+
 def _loads(text: str) -> Any:
     try:
         return orjson.loads(text)
@@ -270,6 +439,7 @@ class Client:
         self._runner = LoopThread("backchannel-client")
         self._client = AsyncClient(server, app_id, secret, ssl=ssl)
 
+    @overload
     def send(
         self,
         device_id: str,
@@ -277,9 +447,99 @@ class Client:
         *,
         timeout: float | None = None,
         method: str | None = None,
-    ) -> bytes:
-        """Call the device and return its raw reply (see :meth:`AsyncClient.send`)."""
-        return self._runner.run(self._client.send(device_id, body, timeout=timeout, method=method))
+        offline: Literal["fail", "wait"] = "fail",
+        wait: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes: ...
+
+    @overload
+    def send(
+        self,
+        device_id: str,
+        body: bytes | str,
+        *,
+        timeout: float | None = None,
+        method: str | None = None,
+        offline: Literal["queue"],
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Message: ...
+
+    def send(
+        self,
+        device_id: str,
+        body: bytes | str,
+        *,
+        timeout: float | None = None,
+        method: str | None = None,
+        offline: Literal["fail", "wait", "queue"] = "fail",
+        wait: float | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes | Message:
+        """Call the device and return its raw reply, or queue (see :meth:`AsyncClient.send`)."""
+        if offline == "queue":
+            return self._runner.run(
+                self._client.send(
+                    device_id,
+                    body,
+                    timeout=timeout,
+                    method=method,
+                    offline="queue",
+                    ttl=ttl,
+                    idempotency_key=idempotency_key,
+                )
+            )
+        return self._runner.run(
+            self._client.send(
+                device_id,
+                body,
+                timeout=timeout,
+                method=method,
+                offline=offline,
+                wait=wait,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def message(self, message_id: str) -> Message:
+        """A message's state (see :meth:`AsyncClient.message`)."""
+        return self._runner.run(self._client.message(message_id))
+
+    def wait_message(self, message_id: str, timeout: float = 60.0, poll: float = 0.25) -> Message:
+        """Poll a message until it is final (see :meth:`AsyncClient.wait_message`)."""
+        return self._runner.run(self._client.wait_message(message_id, timeout, poll))
+
+    def messages(
+        self, device_id: str, states: Iterable[str] = (), limit: int = 100
+    ) -> list[Message]:
+        """A device's messages (see :meth:`AsyncClient.messages`)."""
+        return self._runner.run(self._client.messages(device_id, states, limit))
+
+    def cancel(self, message_id: str) -> Message:
+        """Take a queued message out of the queue (see :meth:`AsyncClient.cancel`)."""
+        return self._runner.run(self._client.cancel(message_id))
+
+    def fanout(
+        self,
+        message: bytes | str,
+        *,
+        devices: Iterable[str] | None = None,
+        tag: str | None = None,
+        topic: str | None = None,
+        method: str = "",
+        timeout: float | None = None,
+    ) -> FanoutResult:
+        """Call many devices with one message at once (see :meth:`AsyncClient.fanout`)."""
+        return self._runner.run(
+            self._client.fanout(
+                message, devices=devices, tag=tag, topic=topic, method=method, timeout=timeout
+            )
+        )
+
+    def publish(self, topic: str, data: bytes | str) -> int:
+        """Push ``data`` to the topic's subscribers (see :meth:`AsyncClient.publish`)."""
+        return self._runner.run(self._client.publish(topic, data))
 
     def devices(self) -> list[str]:
         """The ids of the application's connected devices."""

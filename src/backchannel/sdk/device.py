@@ -24,14 +24,17 @@ import yarl
 
 import backchannel
 from backchannel.sdk._link import Handler, Link, Route, Routes, call_hook, connect
+from backchannel.sdk._topics import TopicHandler, TopicRoute
 from backchannel.sdk.errors import (
     AuthenticationFailed,
     DeviceConnectionError,
     NotConnected,
     Revoked,
     SessionReplaced,
+    SubscriptionRefused,
     TunnelRefused,
 )
+from backchannel.wire.native.topics import validate_pattern
 
 if TYPE_CHECKING:
     from backchannel.sdk.tunnel import RequestHook, Tunnel
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 H = TypeVar("H", bound=Handler)
+TH = TypeVar("TH", bound=TopicHandler)
 
 EVENT_ACK_TIMEOUT = 10.0
 
@@ -113,6 +117,8 @@ class Device:
         self._tunnel: Tunnel | None = None
         # HELLO's tunnel map (name, token, path, host), kept across reconnects.
         self._tunnel_info: dict[str, Any] | None = None
+        # A new connection while it re-sends the subscriptions, before it counts as up.
+        self._joining: Link | None = None
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -296,15 +302,33 @@ class Device:
                     "the server granted no tunnel: it may not support tunnels", 4006
                 )
             self._tunnel_info = info
-        self._link = link
-        log.info(
-            "connected as %s/%s (session %s)", self.app_id, self.device_id, link.hello.session_id
-        )
-        self._notify()
-        await call_hook(self.on_connect)
+        # The link runs before the device counts as connected: the subscriptions are re-sent
+        # first, and their acks come through its receive loop.
+        run = asyncio.get_running_loop().create_task(link.run())
         try:
-            reason = await link.run()
+            if self._routes.topics.routes:
+                self._joining = link
+                try:
+                    await self._resubscribe(link)
+                finally:
+                    self._joining = None
+            if self._stopping:  # stop() came while we were subscribing
+                await link.close(1000, b"device stopping")
+            elif not run.done():
+                self._link = link
+                log.info(
+                    "connected as %s/%s (session %s)",
+                    self.app_id,
+                    self.device_id,
+                    link.hello.session_id,
+                )
+                self._notify()
+                await call_hook(self.on_connect)
+            reason = await run
         finally:
+            if not run.done():
+                run.cancel()
+                await asyncio.wait([run])
             self._link = None
             self._notify()
         code = link.close_code
@@ -313,6 +337,109 @@ class Device:
         # docs/protocol.md: reset the backoff only after a session outlived `timeout`, so a
         # device refused right after HELLO does not reconnect in a tight loop.
         return code, reason, time.monotonic() - link.connected_at > link.conn.timeout
+
+    # -- topics --------------------------------------------------------------------------
+
+    async def subscribe(
+        self, pattern: str, handler: TopicHandler, *, timeout: float = EVENT_ACK_TIMEOUT
+    ) -> None:
+        """Call ``handler(topic, data)`` for every message published on a matching topic.
+
+        ``pattern`` is a topic with optional wildcards: ``+`` for one level, ``#`` as the
+        last level for any number (docs/protocol.md, "Topics"). The handler may be sync (run
+        in a thread) or async; messages reach it one at a time, in order. Subscribing to a
+        pattern again replaces its handler. The device keeps its subscriptions and sends
+        them again on every connection; while disconnected this only records.
+
+        Raises:
+            ValueError: the pattern is invalid.
+            SubscriptionRefused: the server refused it (e.g. too many subscriptions).
+            TimeoutError: the server did not answer within ``timeout`` seconds.
+        """
+        validate_pattern(pattern)
+        routes = self._routes.topics.routes
+        previous = routes.get(pattern)
+        route = routes[pattern] = TopicRoute.of(pattern, handler)
+        link = self._link
+        if link is None:
+            return  # the next connection sends it
+        try:
+            await link.subscription(pattern, True, timeout)
+        except SubscriptionRefused:
+            if routes.get(pattern) is route:
+                if previous is None:
+                    del routes[pattern]
+                else:
+                    routes[pattern] = previous
+            raise
+        except NotConnected:
+            pass  # recorded: the next connection sends it
+
+    def topic(self, pattern: str) -> Callable[[TH], TH]:
+        """Decorator: ``@device.topic("cmd/+/set")`` subscribes the function before serving.
+
+        For setting up before :meth:`serve` or :meth:`run` (plain synchronous code included);
+        the subscription goes out with every connection. Once connected, use
+        ``await device.subscribe(...)``, which waits for the server's answer.
+
+        Raises:
+            ValueError: the pattern is invalid.
+            RuntimeError: the device is already connected.
+        """
+        validate_pattern(pattern)
+        if self._link is not None:
+            raise RuntimeError("the device is connected: use `await device.subscribe(...)`")
+
+        def register(fn: TH) -> TH:
+            self._routes.topics.routes[pattern] = TopicRoute.of(pattern, fn)
+            return fn
+
+        return register
+
+    async def unsubscribe(self, pattern: str, *, timeout: float = EVENT_ACK_TIMEOUT) -> None:
+        """Stop receiving ``pattern``'s messages; its handler is not called again.
+
+        Raises:
+            TimeoutError: the server did not confirm within ``timeout`` seconds (the
+                handler is removed anyway).
+        """
+        if self._routes.topics.routes.pop(pattern, None) is None:
+            return
+        link = self._link
+        if link is None:
+            return
+        with contextlib.suppress(NotConnected):  # the next connection will not send it
+            await link.subscription(pattern, False, timeout)
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The patterns the device subscribes to, in subscription order."""
+        return list(self._routes.topics.routes)
+
+    async def _resubscribe(self, link: Link) -> None:
+        """Send every subscription on a new connection and wait for the server's answers."""
+        routes = self._routes.topics.routes
+        sent: set[str] = set()
+        while True:
+            # Again until nothing is new: subscribe() only records while we are joining.
+            todo = [p for p in routes if p not in sent]
+            if not todo:
+                break
+            sent.update(todo)
+            results = await asyncio.gather(
+                *(link.subscription(p, True, EVENT_ACK_TIMEOUT) for p in todo),
+                return_exceptions=True,
+            )
+            for pattern, result in zip(todo, results, strict=True):
+                if isinstance(result, NotConnected):
+                    return
+                if isinstance(result, SubscriptionRefused):
+                    log.error("the server refused the subscription to %r: %s", pattern, result)
+                elif isinstance(result, Exception):
+                    log.warning("subscribing to %r failed: %r", pattern, result)
+        for pattern in sent.difference(routes):  # unsubscribed meanwhile
+            with contextlib.suppress(NotConnected, SubscriptionRefused, TimeoutError):
+                await link.subscription(pattern, False, EVENT_ACK_TIMEOUT)
 
     # -- events --------------------------------------------------------------------------
 
@@ -343,7 +470,7 @@ class Device:
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
-        link = self._link
+        link = self._link or self._joining
         if link is not None:
             await link.close(1000, b"device stopping")
         if self._serving and self._done is not None:

@@ -125,6 +125,28 @@ class BadRequest(BackchannelError):
     error = "bad_request"
 
 
+class Conflict(BackchannelError):
+    """The request conflicts with the resource's state (HTTP 409): e.g. cancelling a message
+    that already left the queue, or an idempotency key whose first request still runs."""
+
+    status = 409
+    error = "conflict"
+
+
+class IdempotencyKeyReused(BackchannelError):
+    """The ``Idempotency-Key`` was used before for a different request (HTTP 422)."""
+
+    status = 422
+    error = "idempotency_key_reused"
+
+
+class QueueFull(BackchannelError):
+    """The device has as many queued messages as the server allows (HTTP 429)."""
+
+    status = 429
+    error = "queue_full"
+
+
 class ServerUnavailable(BackchannelError):
     """The server is shutting down, unreachable, or answered with a gateway error."""
 
@@ -181,6 +203,13 @@ class NotConnected(DeviceConnectionError):
     error = "not_connected"
 
 
+class SubscriptionRefused(BackchannelError):
+    """The server refused a topic subscription: an invalid pattern or too many
+    subscriptions on the connection; ``detail`` has the server's reason."""
+
+    error = "subscription_refused"
+
+
 _BY_CODE: dict[str, type[BackchannelError]] = {
     "device_offline": DeviceOffline,
     "timeout": CallTimeout,
@@ -196,7 +225,20 @@ _BY_CODE: dict[str, type[BackchannelError]] = {
     "body_too_large": BodyTooLarge,
     "invalid_timeout": BadRequest,
     "invalid_json": BadRequest,
+    "invalid_topic": BadRequest,
     "shutting_down": ServerUnavailable,
+    "invalid_offline": BadRequest,
+    "invalid_ttl": BadRequest,
+    "invalid_wait": BadRequest,
+    "invalid_idempotency_key": BadRequest,
+    "invalid_device_id": BadRequest,
+    "invalid_state": BadRequest,
+    "invalid_limit": BadRequest,
+    "unknown_message": NotFound,
+    "not_queued": Conflict,
+    "idempotency_key_in_progress": Conflict,
+    "idempotency_key_reused": IdempotencyKeyReused,
+    "queue_full": QueueFull,
 }
 
 # For bodies without a known ``error`` code; 5xx other than a device error usually comes
@@ -207,6 +249,7 @@ _BY_STATUS: dict[int, type[BackchannelError]] = {
     403: Unauthorized,
     404: NotFound,
     408: CallTimeout,
+    409: Conflict,
     413: BodyTooLarge,
     418: DeviceOffline,
     429: DeviceBusy,

@@ -37,7 +37,7 @@ from backchannel.core.outcomes import (
     ShuttingDown,
     TimedOutBeforeDelivery,
 )
-from backchannel.core.relay import Relay
+from backchannel.core.relay import EventBacklog, Relay
 from backchannel.core.session import CloseReason, SessionStats, record_latency
 from backchannel.wire.cometa import (
     AttachRequest,
@@ -92,6 +92,7 @@ class CometaSession(asyncio.Protocol):
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
         self.app_id = ""
         self.device_id = ""
         self.session_id = secrets.token_hex(8)
@@ -217,6 +218,21 @@ class CometaSession(asyncio.Protocol):
                 self._reply(event.body)
             elif isinstance(event, Upstream):
                 self._relay.device_event(self, "", event.data)
+        backlog = self._relay.event_backlog
+        if backlog is not None and backlog.congested and not self._reading_paused:
+            # The event log is behind: stop reading this device until it caught up.
+            self._reading_paused = True
+            if self._io is not None:
+                self._io.pause_reading()
+            self._relay.spawn(self._resume_reading(backlog))
+
+    async def _resume_reading(self, backlog: EventBacklog) -> None:
+        try:
+            await backlog.room()
+        finally:
+            self._reading_paused = False
+            if self._io is not None and not self._closed:
+                self._io.resume_reading()
 
     def _reply(self, body: bytes) -> None:
         if self._owed:

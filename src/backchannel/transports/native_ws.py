@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -32,6 +33,7 @@ from backchannel.core.outcomes import (
 )
 from backchannel.core.relay import Relay
 from backchannel.core.session import CloseReason, SessionStats, record_latency
+from backchannel.core.topics import MAX_SUBSCRIPTIONS
 from backchannel.core.tunnel_access import TunnelAccess
 from backchannel.state.store import TunnelName
 from backchannel.transports.native_streams import ServerStream
@@ -47,6 +49,8 @@ from backchannel.wire.native.frames import (
     StreamData,
     StreamOpen,
     StreamReset,
+    Subscribe,
+    Unsubscribe,
 )
 
 log = logging.getLogger(__name__)
@@ -215,6 +219,40 @@ class NativeSession:
         """A stream is over."""
         self._streams.pop(stream_id, None)
 
+    # -- topics ------------------------------------------------------------------------------
+
+    def push(self, topic: str, data: bytes) -> None:
+        """Queue a PUSH frame; never blocks (docs/protocol.md, "Topics").
+
+        Raises:
+            ConnectionResetError: the device reads too slowly to take more bytes; the
+                message is dropped (topics deliver at most once), and the publisher's count
+                leaves this device out.
+        """
+        if self._closed:
+            return
+        if self._outbox.congested():
+            raise ConnectionResetError("the device's connection is congested")
+        self._send(self._conn.push(topic, data))
+
+    def _subscription(self, frame: Subscribe | Unsubscribe) -> None:
+        if self._closed:
+            return  # a frame read after close(): adding it now would outlive the session
+        topics = self._relay.topics
+        error: str | None = None
+        try:
+            if isinstance(frame, Unsubscribe):
+                topics.remove(self.app_id, frame.pattern, self)
+            elif not topics.add(self.app_id, frame.pattern, self):
+                error = f"limit of {MAX_SUBSCRIPTIONS} subscriptions per connection reached"
+        except ValueError as exc:
+            error = str(exc)
+        self._send(self._conn.subscribe_ack(frame.request_id, error))
+
+    def _end_topics(self) -> None:
+        # Subscriptions belong to the connection: a reconnecting device subscribes again.
+        self._relay.topics.drop(self)
+
     def close_soon(self, detail: str, *, takeover: bool = False) -> None:
         """Close the session from synchronous code (tunnel takeover: 4002; released: 4006)."""
         reason = CloseReason.TAKEOVER if takeover else CloseReason.TUNNEL_RELEASED
@@ -250,6 +288,7 @@ class NativeSession:
             return
         self._closed = True
         self._close_reason = reason
+        self._end_topics()
         self._fail_pending(reason)
         self._fail_streams(f"the device's connection closed ({reason.value})")
         self._outbox.close()
@@ -289,6 +328,11 @@ class NativeSession:
                         future.set_result(frame.body)
                     continue
                 self._control_frame(frame)
+                backlog = self._relay.event_backlog
+                if backlog is not None and backlog.congested:
+                    # Stop reading this device until the event log caught up: TCP pushes
+                    # back on it, rather than its events being dropped.
+                    await backlog.room()
             elif msg.type is WSMsgType.TEXT:
                 return await self._protocol_error("text messages are not part of backchannel.v1")
             else:
@@ -296,15 +340,25 @@ class NativeSession:
                 # After our own close() the reason is ours; otherwise the peer went away.
                 self._closed = True
                 self._outbox.closed = True
+                self._end_topics()
                 self._fail_pending(self._close_reason)
                 self._fail_streams("the device's connection closed")
                 return self._close_reason
 
+    def _ack_event(self, event_id: int) -> None:
+        if not self._closed:
+            self._send(self._conn.event_ack(event_id))
+
     def _control_frame(self, frame: Frame) -> None:
         if isinstance(frame, Event):
-            self._relay.device_event(self, frame.name, frame.data)
             if frame.event_id:
-                self._send(self._conn.event_ack(frame.event_id))
+                # EVENT_ACK means "stored": it goes out once the event log wrote the event.
+                ack = functools.partial(self._ack_event, frame.event_id)
+                self._relay.device_event(self, frame.name, frame.data, ack)
+            else:
+                self._relay.device_event(self, frame.name, frame.data)
+        elif isinstance(frame, Subscribe | Unsubscribe):
+            self._subscription(frame)
         elif isinstance(frame, Pong):
             if self._conn.rtt is not None:
                 record_latency(self.stats, self._conn.rtt * 1000.0)
@@ -331,6 +385,7 @@ class NativeSession:
         metrics.PROTOCOL_ERRORS.labels(self.transport).inc()
         log.warning("protocol error from %s/%s: %s", self.app_id, self.device_id, detail)
         self._closed = True
+        self._end_topics()
         self._fail_pending(CloseReason.PROTOCOL_ERROR)
         self._fail_streams("protocol error")
         self._outbox.close()

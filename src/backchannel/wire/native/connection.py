@@ -31,6 +31,9 @@ from backchannel.wire.native.frames import (
     StreamData,
     StreamOpen,
     StreamReset,
+    Subscribe,
+    SubscribeAck,
+    Unsubscribe,
     parse_frame,
 )
 
@@ -52,6 +55,8 @@ _ACCEPTS: dict[Role, frozenset[int]] = {
             FrameType.PONG,
             FrameType.REPLY,
             FrameType.EVENT,
+            FrameType.SUBSCRIBE,
+            FrameType.UNSUBSCRIBE,
             FrameType.STREAM_OPEN,
             FrameType.STREAM_DATA,
             FrameType.STREAM_CREDIT,
@@ -67,6 +72,7 @@ _ACCEPTS: dict[Role, frozenset[int]] = {
             FrameType.CANCEL,
             FrameType.EVENT_ACK,
             FrameType.PUSH,
+            FrameType.SUBSCRIBE_ACK,
             FrameType.STREAM_OPEN,
             FrameType.STREAM_DATA,
             FrameType.STREAM_CREDIT,
@@ -94,6 +100,7 @@ class NativeConnection:
         "_accepts",
         "_next_call",
         "_next_event",
+        "_next_request",
         "_next_stream",
         "_outgoing",
         "_ping_nonce",
@@ -130,6 +137,7 @@ class NativeConnection:
         self._outgoing: list[bytes] = []
         self._next_call = 0
         self._next_event = 0
+        self._next_request = 0
         self._next_stream = 1 if role is Role.SERVER else 2
         self._streams: dict[int, StreamState] = {}
         self._ping_nonce = 0
@@ -265,6 +273,32 @@ class NativeConnection:
             server,
             tunnel=tunnel,
         ).serialize()
+
+    # -- topics (docs/protocol.md, "Topics") ---------------------------------------------
+
+    def _request_id(self, what: str) -> int:
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError(f"only the device sends {what}")
+        self._next_request = self._next_request % MAX_ID + 1
+        return self._next_request
+
+    def subscribe(self, pattern: str) -> tuple[int, bytes]:
+        """Ask for PUSH frames matching ``pattern`` (device side); return the request id."""
+        request_id = self._request_id("SUBSCRIBE")
+        return request_id, Subscribe(request_id, pattern).serialize()
+
+    def unsubscribe(self, pattern: str) -> tuple[int, bytes]:
+        """Drop a subscription (device side); return the request id and the frame."""
+        request_id = self._request_id("UNSUBSCRIBE")
+        return request_id, Unsubscribe(request_id, pattern).serialize()
+
+    def subscribe_ack(self, request_id: int, error: str | None = None) -> bytes:
+        """Answer (UN)SUBSCRIBE ``request_id`` (server side); ``error`` refuses it."""
+        if self.role is not Role.SERVER:
+            raise LocalProtocolError("only the server sends SUBSCRIBE_ACK")
+        if error is None:
+            return SubscribeAck(request_id).serialize()
+        return SubscribeAck(request_id, True, error).serialize()
 
     # -- liveness -----------------------------------------------------------------------
 

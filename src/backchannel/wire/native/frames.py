@@ -34,12 +34,12 @@ _U32 = struct.Struct("!I")
 MAX_ID = 0xFFFFFFFF
 MAX_FRAME_LIMIT = 1 << 40  # far above any real limit; keeps msgpack round trips safe
 
-FLAG_ERROR = 0x01  # REPLY: the body is a UTF-8 error message from the device
+FLAG_ERROR = 0x01  # REPLY, SUBSCRIBE_ACK: the payload is a UTF-8 error message
 FLAG_FIN = 0x01  # STREAM_OPEN / STREAM_DATA: the sender will send no more data
 
 
 class FrameType(IntEnum):
-    """Frame type byte. Ranges: 0x0_ control, 0x1_ calls, 0x2_ events, 0x3_ streams."""
+    """Frame type byte. Ranges: 0x0_ control, 0x1_ calls, 0x2_ events and topics, 0x3_ streams."""
 
     HELLO = 0x01
     PING = 0x02
@@ -50,6 +50,9 @@ class FrameType(IntEnum):
     EVENT = 0x20
     EVENT_ACK = 0x21
     PUSH = 0x22
+    SUBSCRIBE = 0x23
+    UNSUBSCRIBE = 0x24
+    SUBSCRIBE_ACK = 0x25
     STREAM_OPEN = 0x30
     STREAM_DATA = 0x31
     STREAM_CREDIT = 0x32
@@ -313,6 +316,80 @@ class Push:
         )
 
 
+def _pattern(ident: int, payload: bytes, what: str) -> str:
+    """Read the request id and the pattern of a SUBSCRIBE or UNSUBSCRIBE."""
+    if ident == 0:
+        raise MalformedFrame(f"{what}: request id 0 is reserved")
+    pattern, end = _name(payload, what)
+    if end != len(payload):
+        raise MalformedFrame(f"{what}: bytes after the pattern")
+    return pattern
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Device to server: deliver PUSH frames whose topic matches ``pattern``."""
+
+    type: ClassVar[FrameType] = FrameType.SUBSCRIBE
+    request_id: int
+    pattern: str
+
+    @classmethod
+    def parse(cls, ident: int, flags: int, payload: bytes) -> Subscribe:
+        """Parse a SUBSCRIBE: u8 pattern length, pattern; the id must not be 0."""
+        return cls(ident, _pattern(ident, payload, "SUBSCRIBE"))
+
+    def serialize(self) -> bytes:
+        """Encode the frame."""
+        return HEADER.pack(self.type, 0, self.request_id) + _encode_name(self.pattern, "pattern")
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Device to server: stop delivering ``pattern`` (a pattern not held is no error)."""
+
+    type: ClassVar[FrameType] = FrameType.UNSUBSCRIBE
+    request_id: int
+    pattern: str
+
+    @classmethod
+    def parse(cls, ident: int, flags: int, payload: bytes) -> Unsubscribe:
+        """Parse an UNSUBSCRIBE: u8 pattern length, pattern; the id must not be 0."""
+        return cls(ident, _pattern(ident, payload, "UNSUBSCRIBE"))
+
+    def serialize(self) -> bytes:
+        """Encode the frame."""
+        return HEADER.pack(self.type, 0, self.request_id) + _encode_name(self.pattern, "pattern")
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeAck:
+    """Server to device: the answer to (UN)SUBSCRIBE ``request_id``; ``error`` means refused."""
+
+    type: ClassVar[FrameType] = FrameType.SUBSCRIBE_ACK
+    request_id: int
+    error: bool = False
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, ident: int, flags: int, payload: bytes) -> SubscribeAck:
+        """Parse a SUBSCRIBE_ACK: empty, or with FLAG_ERROR a UTF-8 reason."""
+        if not flags & FLAG_ERROR:
+            _no_payload(payload, "SUBSCRIBE_ACK without ERROR")
+            return cls(ident)
+        try:
+            reason = payload.decode()
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame("SUBSCRIBE_ACK: reason is not UTF-8") from exc
+        return cls(ident, True, reason)
+
+    def serialize(self) -> bytes:
+        """Encode the frame."""
+        if not self.error:
+            return HEADER.pack(self.type, 0, self.request_id)
+        return HEADER.pack(self.type, FLAG_ERROR, self.request_id) + self.reason.encode()
+
+
 @dataclass(frozen=True, slots=True)
 class StreamOpen:
     """Open byte stream ``stream_id``: the opener grants ``window`` bytes of credit."""
@@ -422,6 +499,9 @@ Frame = (
     | Event
     | EventAck
     | Push
+    | Subscribe
+    | Unsubscribe
+    | SubscribeAck
     | StreamOpen
     | StreamData
     | StreamCredit
@@ -440,6 +520,9 @@ _PARSERS: dict[int, Any] = {
         Event,
         EventAck,
         Push,
+        Subscribe,
+        Unsubscribe,
+        SubscribeAck,
         StreamOpen,
         StreamData,
         StreamCredit,
