@@ -33,7 +33,7 @@ test: lint typecheck unit
 # Every benchmark runs even when an earlier one misses a target; the exit status tells.
 bench: $(STAMP)
 	@status=0; \
-	for b in rpc cometa connections tunnel; do $(BIN)/python bench/$$b.py || status=1; done; \
+	for b in rpc cometa connections tunnel events; do $(BIN)/python bench/$$b.py || status=1; done; \
 	exit $$status
 
 clean:

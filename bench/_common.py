@@ -467,6 +467,10 @@ class DeviceStats:
         return asdict(self)
 
 
+#: Called with a device's WebSocket and connection state once it is online (see run_device).
+OnOnline = Callable[[aiohttp.ClientWebSocketResponse, NativeConnection], None]
+
+
 def device_session(connector_limit: int = 0) -> aiohttp.ClientSession:
     """A client session suitable for many device WebSockets."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connector_limit))
@@ -482,6 +486,7 @@ async def run_device(
     backoff_initial: float = 0.5,
     backoff_max: float = 5.0,
     handshake_timeout: float = 10.0,
+    on_online: OnOnline | None = None,
 ) -> None:
     """Keep one device connected, answering every CALL with its body (echo).
 
@@ -489,6 +494,10 @@ async def run_device(
     wait uniform(0, min(backoff_max, backoff_initial * 2**n)); n resets once a session
     lasted longer than the HELLO timeout (docs/protocol.md, "Reconnecting"). Returns only
     after a fatal close code (counted in ``stats.gave_up``) or when cancelled.
+
+    ``on_online(ws, conn)`` is called after each HELLO, before serving: a benchmark that
+    also sends from the device (EVENT frames) keeps ``ws`` and ``conn`` from there, while
+    this loop goes on reading (PINGs, CALLs).
     """
     headers = {
         "X-Backchannel-App": cred.app_id,
@@ -498,7 +507,7 @@ async def run_device(
     attempt = 0
     while True:
         code, lasted = await _device_session_once(
-            http, ws_url, headers, stats, connect_limit, handshake_timeout
+            http, ws_url, headers, stats, connect_limit, handshake_timeout, on_online
         )
         if code in FATAL_CLOSE_CODES:
             stats.gave_up += 1
@@ -517,6 +526,7 @@ async def _device_session_once(
     stats: DeviceStats,
     connect_limit: asyncio.Semaphore | None,
     handshake_timeout: float,
+    on_online: OnOnline | None = None,
 ) -> tuple[int | None, bool]:
     """Connect, wait for HELLO, serve until the connection ends: (close code, lasted)."""
     ws: aiohttp.ClientWebSocketResponse | None = None
@@ -557,6 +567,8 @@ async def _device_session_once(
         return ws.close_code, False
     stats.online += 1
     stats.connects += 1
+    if on_online is not None:
+        on_online(ws, conn)
     try:
         await _serve_echo(ws, conn, stats)
     finally:
@@ -757,18 +769,44 @@ async def sample_cpu(pids: Sequence[int], start: float, end: float) -> dict[str,
     ``end`` (the measured window of a load generator)."""
     perf = time.perf_counter
     await asyncio.sleep(max(0.0, start - perf()))
-    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-    own0, w0, m0 = time.process_time(), perf(), machine_cpu_seconds()
+    before = cpu_snapshot(pids)
     await asyncio.sleep(max(0.0, end - perf()))
-    cpu1 = {pid: cpu_seconds(pid) for pid in pids}
-    own1, w1, m1 = time.process_time(), perf(), machine_cpu_seconds()
+    return cpu_since(before)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """CPU counters at one moment: see :func:`cpu_snapshot` and :func:`cpu_since`."""
+
+    wall: float
+    cpu: dict[int, float]
+    own: float
+    machine: tuple[float, float]
+
+
+def cpu_snapshot(pids: Sequence[int]) -> CpuSnapshot:
+    """CPU used so far by ``pids``, by this process and by the machine (for a window whose end
+    is not known in advance; :func:`sample_cpu` is the fixed-window form)."""
+    return CpuSnapshot(
+        time.perf_counter(),
+        {pid: cpu_seconds(pid) for pid in pids},
+        time.process_time(),
+        machine_cpu_seconds(),
+    )
+
+
+def cpu_since(before: CpuSnapshot, after: CpuSnapshot | None = None) -> dict[str, Any]:
+    """CPU used from ``before`` to ``after`` (default: now): the dict :func:`sample_cpu`
+    returns."""
+    if after is None:
+        after = cpu_snapshot(list(before.cpu))
     return {
-        "window": w1 - w0,
-        "cpu": {str(pid): cpu1[pid] - cpu0[pid] for pid in pids},
-        "loadgen_cpu": own1 - own0,
+        "window": after.wall - before.wall,
+        "cpu": {str(pid): after.cpu[pid] - before.cpu[pid] for pid in before.cpu},
+        "loadgen_cpu": after.own - before.own,
         # The whole machine: shows other work (not ours) competing for the CPUs.
-        "machine_busy": m1[0] - m0[0],
-        "machine_total": m1[1] - m0[1],
+        "machine_busy": after.machine[0] - before.machine[0],
+        "machine_total": after.machine[1] - before.machine[1],
     }
 
 
