@@ -139,6 +139,33 @@ def sigterm_raises_keyboard_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def run_benchmark(
+    name: str,
+    bench: Callable[[Children, Path, argparse.Namespace], T],
+    report: Callable[[T, argparse.Namespace], dict[str, Any]],
+    args: argparse.Namespace,
+) -> int:
+    """Run ``bench`` with its child processes and a temp dir, print ``report``'s JSON summary.
+
+    Returns the exit status: 0 when every target passed, 1 on a miss or a failure, 130 when
+    interrupted (child processes are stopped in every case).
+    """
+    sigterm_raises_keyboard_interrupt()
+    try:
+        with temp_dir() as tmp, Children() as kids:
+            result = bench(kids, tmp, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        print(json.dumps({"bench": name, "error": str(exc), "pass": False}))
+        return 1
+    summary = report(result, args)
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0 if summary["pass"] else 1
+
+
 class LineReader:
     """Reads a child's stdout on a thread; lines land in a queue, the last one is kept."""
 

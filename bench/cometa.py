@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -342,20 +341,7 @@ def main() -> int:
         print("--devices and --rounds must be at least 1", file=sys.stderr)
         return 2
 
-    c.sigterm_raises_keyboard_interrupt()
-    try:
-        with c.temp_dir() as tmp, c.Children() as kids:
-            result = bench(kids, tmp, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        print(json.dumps({"bench": "cometa", "error": str(exc), "pass": False}))
-        return 1
-    summary = report(result, args)
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["pass"] else 1
+    return c.run_benchmark("cometa", bench, report, args)
 
 
 if __name__ == "__main__":

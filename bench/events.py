@@ -967,20 +967,7 @@ def main() -> int:
         c.run_async(_receiver_role(args.port))
         return 0
 
-    c.sigterm_raises_keyboard_interrupt()
-    try:
-        with c.temp_dir() as tmp, c.Children() as kids:
-            result = bench(kids, tmp, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        print(json.dumps({"bench": "events", "error": str(exc), "pass": False}))
-        return 1
-    summary = report(result, args)
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["pass"] else 1
+    return c.run_benchmark("events", bench, report, args)
 
 
 if __name__ == "__main__":

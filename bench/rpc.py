@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,20 +202,7 @@ def main() -> int:
     if args.role == "loadgen":
         return c.loadgen_role(args)
 
-    c.sigterm_raises_keyboard_interrupt()
-    try:
-        with c.temp_dir() as tmp, c.Children() as kids:
-            result = bench(kids, tmp, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        print(json.dumps({"bench": "rpc", "error": str(exc), "pass": False}))
-        return 1
-    summary = report(result, args)
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["pass"] else 1
+    return c.run_benchmark("rpc", bench, report, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -534,20 +533,7 @@ def main() -> int:
     if args.size < 1:
         print("--size must be positive", file=sys.stderr)
         return 2
-    c.sigterm_raises_keyboard_interrupt()
-    try:
-        with c.temp_dir() as tmp, c.Children() as kids:
-            result = bench(kids, tmp, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        print(json.dumps({"bench": "tunnel", "error": str(exc), "pass": False}))
-        return 1
-    summary = report(result, args)
-    print(json.dumps(summary, ensure_ascii=False))
-    return 0 if summary["pass"] else 1
+    return c.run_benchmark("tunnel", bench, report, args)
 
 
 if __name__ == "__main__":
