@@ -740,3 +740,17 @@ async def test_sqlite_messages_survive_reopen(tmp_path: Path) -> None:
         assert not created and holder.id == "m1"
     finally:
         await second.close()
+
+
+async def test_lane_rows_and_bulk_delivered(store: Store) -> None:
+    ids = await store.enqueue_deliveries(
+        [dl(device_id="d1", at=5.0), dl(device_id="d2"), dl(device_id="d1"), dl(device_id="d1")]
+    )
+    lane = await store.lane_rows("a1", "d1", 0, 10)
+    assert [d.id for d in lane] == [ids[0], ids[2], ids[3]]  # due or not, oldest first
+    assert [d.id for d in await store.lane_rows("a1", "d1", ids[0], 1)] == [ids[2]]
+    await store.mark_delivered_many([(ids[0], 1, 200), (ids[2], 3, 204)])
+    assert [d.id for d in await store.lane_rows("a1", "d1", 0, 10)] == [ids[3]]
+    assert await store.count_deliveries("a1") == {PENDING: 2, DELIVERED: 2, DEAD: 0}
+    await store.mark_delivered_many([])
+    assert await store.lane_rows("a2", "d2", 0, 10) == []

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -64,6 +65,8 @@ FAILED = Counter("backchannel_webhook_failed", "Webhook deliveries given up (dea
 
 # Visible ASCII but ``%`` passes through unchanged; everything else is percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+#: Rows of one device read ahead per store query while its lane delivers.
+_LANE_AHEAD = 32
 
 
 def signature(key_hash: str, timestamp: str, body: bytes) -> str:
@@ -113,6 +116,13 @@ class Webhooks:
         self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._next_purge = 0.0
+        # Deliveries the receiver took, written to the store in batches by ``_write_marks``
+        # (a commit per delivery cost most of a delivery's CPU). Until written, their rows
+        # still read as pending: ``_marking`` keeps the scheduler from sending them again.
+        self._marks: list[tuple[int, int, int]] = []
+        self._marking: set[int] = set()
+        self._marks_ready = asyncio.Event()
+        self._marker: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -122,17 +132,28 @@ class Webhooks:
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers={"User-Agent": f"backchannel-webhooks/{__version__}"},
         )
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._run())
+        self._marker = loop.create_task(self._write_marks())
 
     async def stop(self) -> None:
         """Stop delivering; rows not yet delivered stay pending in the store."""
         session, self._session = self._session, None
-        tasks = [t for t in (self._loop_task, *self._busy.values()) if t is not None]
+        tasks = [t for t in (self._loop_task, self._marker, *self._busy.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = None
+        self._loop_task = self._marker = None
         self._busy.clear()
+        if self._marks:
+            # Whatever is not written here is delivered again after the restart (at least
+            # once), so try once, and do not hold the shutdown on a failing store.
+            marks, self._marks = self._marks, []
+            try:
+                await self._store.mark_delivered_many(marks)
+            except Exception:
+                log.exception("webhooks: %d deliveries not recorded at shutdown", len(marks))
+            self._marking.clear()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -172,7 +193,7 @@ class Webhooks:
         loop = asyncio.get_running_loop()
         for row in rows:
             key = (row.app_id, row.device_id)
-            if key in self._busy:
+            if key in self._busy or row.id in self._marking:
                 continue
             self._busy[key] = loop.create_task(self._attempt(key, row))
             free -= 1
@@ -201,8 +222,18 @@ class Webhooks:
     # -- delivery --------------------------------------------------------------------------
 
     async def _attempt(self, key: tuple[str, str], row: Delivery) -> None:
+        # The lane (one device) keeps its slot while its next rows are due, and reads them
+        # ahead in small ranges of the index rather than waiting for the scheduler's scan.
         try:
-            await self._deliver(row)
+            ahead: deque[Delivery] = deque((row,))
+            while ahead:
+                current = ahead.popleft()
+                if current.next_attempt_at > self._clock.time():
+                    break  # a retry waits for its timer
+                if not await self._deliver(current) or self._session is None:
+                    break
+                if not ahead:
+                    ahead.extend(await self._store.lane_rows(*key, current.id, _LANE_AHEAD))
         except Exception:
             # The row stays as it was, and is tried again at the next scan.
             log.exception("webhooks: delivery %d of %s/%s failed", row.id, *key)
@@ -210,21 +241,40 @@ class Webhooks:
         finally:
             if self._busy.get(key) is asyncio.current_task():
                 del self._busy[key]
-            self._wake.set()  # the device's next row may be due
+            self._wake.set()  # a slot is free for another device
 
-    async def _deliver(self, row: Delivery) -> None:
+    async def _write_marks(self) -> None:
+        while True:
+            await self._marks_ready.wait()
+            self._marks_ready.clear()
+            while self._marks:
+                marks, self._marks = self._marks, []
+                try:
+                    await self._store.mark_delivered_many(marks)
+                except Exception:
+                    log.exception("webhooks: recording %d deliveries failed; retrying", len(marks))
+                    self._marks[:0] = marks
+                    await asyncio.sleep(1.0)
+                    continue
+                for delivery_id, _, _ in marks:
+                    self._marking.discard(delivery_id)
+
+    async def _deliver(self, row: Delivery) -> bool:
+        """One attempt; True when the row is done with (delivered or dead), False on a retry."""
         # Looked up on every attempt: a changed URL or a rotated secret applies at once.
         app = await self._apps.get(row.app_id)
         attempts = row.attempts + 1
         if app is None or not app.webhook_url:
             await self._store.mark_dead(row.id, attempts, None, "no webhook URL")
             FAILED.inc()
-            return
+            return True
         status, error = await self._post(app.webhook_url, app.secret_hash, row)
         if status is not None and 200 <= status < 300:
-            await self._store.mark_delivered(row.id, attempts, status)
+            self._marks.append((row.id, attempts, status))
+            self._marking.add(row.id)
+            self._marks_ready.set()
             DELIVERED.inc()
-            return
+            return True
         RETRIED.inc()
         if attempts >= self.max_attempts:
             await self._store.mark_dead(row.id, attempts, status, error)
@@ -238,12 +288,13 @@ class Webhooks:
                 attempts,
                 error,
             )
-            return
+            return True
         delay = backoff(attempts, self._backoff, self._max_backoff)
         await self._store.reschedule_delivery(
             row.id, attempts, self._clock.time() + delay, status, error
         )
         self._wake_in(delay)
+        return False
 
     async def _post(self, url: str, key_hash: str, row: Delivery) -> tuple[int | None, str]:
         """POST once; return the status (None without one) and what went wrong ("" on 2xx)."""

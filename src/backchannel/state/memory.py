@@ -257,6 +257,28 @@ class MemoryStore:
         """Add pending rows; return their ids."""
         return self._enqueue(rows)
 
+    async def lane_rows(
+        self, app_id: str, device_id: str, after_id: int, limit: int
+    ) -> list[Delivery]:
+        """The device's pending rows with an id above ``after_id``, oldest first, due or not."""
+        out: list[Delivery] = []
+        for d in self._outbox.values():
+            if len(out) >= limit:
+                break
+            if (
+                d.id > after_id
+                and d.state == PENDING
+                and d.app_id == app_id
+                and d.device_id == device_id
+            ):
+                out.append(d)
+        return out
+
+    async def mark_delivered_many(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Record many deliveries at once: (id, attempts, status) each."""
+        for delivery_id, attempts, status in rows:
+            await self.mark_delivered(delivery_id, attempts, status)
+
     async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         """Each (app, device)'s oldest pending row whose time has come, oldest first."""
         seen: set[tuple[str, str]] = set()

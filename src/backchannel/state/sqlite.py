@@ -783,6 +783,22 @@ class SqliteStore:
 
         return await self._run(run)
 
+    async def lane_rows(
+        self, app_id: str, device_id: str, after_id: int, limit: int
+    ) -> list[Delivery]:
+        """The device's pending rows with an id above ``after_id``, oldest first, due or not."""
+
+        def run(conn: sqlite3.Connection) -> list[Delivery]:
+            # A range of the (state, app_id, device_id, id) index, whatever the backlog.
+            rows = conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM webhook_outbox "
+                "WHERE state = ? AND app_id = ? AND device_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (PENDING, app_id, device_id, after_id, max(limit, 0)),
+            )
+            return [_delivery_from_row(r) for r in rows]
+
+        return await self._run(run)
+
     async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         """Each (app, device)'s oldest pending row whose time has come, oldest first."""
 
@@ -803,6 +819,30 @@ class SqliteStore:
             "UPDATE webhook_outbox SET state = ?, attempts = ?, last_status = ? WHERE id = ?",
             (DELIVERED, attempts, status, delivery_id),
         )
+
+    async def mark_delivered_many(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Record many deliveries at once: (id, attempts, status) each; one transaction."""
+        if not rows:
+            return
+        # Grouped by (attempts, status), which nearly always share one value: one UPDATE per
+        # group and chunk (never executemany, which steps the GIL per row under a busy loop).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for rid, attempts, status in rows:
+            groups.setdefault((attempts, status), []).append(rid)
+
+        def run(conn: sqlite3.Connection) -> None:
+            # One commit for the lot: a commit per row is what made deliveries expensive.
+            with _transaction(conn):
+                for (attempts, status), ids in groups.items():
+                    for at in range(0, len(ids), _MAX_ROWS):
+                        chunk = ids[at : at + _MAX_ROWS]
+                        conn.execute(
+                            "UPDATE webhook_outbox SET state = ?, attempts = ?, last_status = ? "
+                            f"WHERE id IN ({_placeholders(len(chunk))})",
+                            (DELIVERED, attempts, status, *chunk),
+                        )
+
+        await self._run(run)
 
     async def reschedule_delivery(
         self,

@@ -324,8 +324,18 @@ class Store(Protocol):
         """Up to ``limit`` rows, oldest first: each (app, device)'s oldest pending row, if due."""
         ...
 
+    async def lane_rows(
+        self, app_id: str, device_id: str, after_id: int, limit: int
+    ) -> list[Delivery]:
+        """The device's pending rows with an id above ``after_id``, oldest first, due or not."""
+        ...
+
     async def mark_delivered(self, delivery_id: int, attempts: int, status: int) -> None:
         """Record a delivery the receiver took."""
+        ...
+
+    async def mark_delivered_many(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Record many deliveries at once: (id, attempts, status) each; one transaction."""
         ...
 
     async def reschedule_delivery(
