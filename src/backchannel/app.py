@@ -185,6 +185,7 @@ def build_app(
         outbox=planner,
     )
     events.attach(relay)
+    messages.notify = events.record_message_status
     app[EVENT_STREAM] = EventStream(events, api)
     app[EVENT_STREAM].add_routes(app)
     AdminApi(relay, apps, tunnels, names).add_routes(app)

@@ -702,11 +702,11 @@ class TestMessages:
         await store.create_message(msg("m3", expires_at=50.0, device_id="d2"))
         await store.create_message(msg("m4", state=SENT, expires_at=None))
         assert await store.queued_devices() == {("a1", "d1"): 2, ("a1", "d2"): 1}
-        assert sorted(await store.expire_messages(10.0)) == [("a1", "d1"), ("a1", "d1")]
+        assert sorted(await store.expire_messages(10.0)) == [("a1", "d1", "m1"), ("a1", "d1", "m2")]
         assert await store.queued_devices() == {("a1", "d2"): 1}
         expired = await store.get_message("a1", "m1")
         assert expired is not None and (expired.state, expired.error) == (EXPIRED, "expired")
-        assert await store.interrupt_sent_messages(11.0, "restart") == 1
+        assert await store.interrupt_sent_messages(11.0, "restart") == [("a1", "d1", "m4", "queue")]
         m4 = await store.get_message("a1", "m4")
         assert m4 is not None and (m4.state, m4.error, m4.detail) == (
             DELIVERED, "interrupted", "restart",

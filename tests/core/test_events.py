@@ -110,6 +110,7 @@ def test_event_types() -> None:
     assert event_type("message") == "message"
     assert event_type("presence") == "device:presence"
     assert event_type("device:presence") == "device:presence"
+    assert event_type("message_status") == "device:message_status"
 
 
 class TestBatching:

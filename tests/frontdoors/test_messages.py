@@ -18,6 +18,7 @@ import pytest
 from backchannel.wire.native.frames import Call
 from tests.conftest import RunningServer, ServerFactory, wait_for
 from tests.rawdevice import RawDevice, connect
+from tests.webhook_receiver import Receiver
 
 
 class Setup:
@@ -490,3 +491,78 @@ class TestRestart:
             (await setup.device()).serve(recorder(got))
             await setup.wait_state(ids[-1], "replied")
             assert got == [f"r{i}".encode() for i in range(20)]
+
+
+class TestNotifications:
+    """A queued message's final state reaches the event stream and a ``message`` webhook."""
+
+    async def status_records(self, setup: Setup) -> list[dict[str, Any]]:
+        async with setup.http.get(
+            setup.url("/events?format=json&type=message_status"), headers=setup.auth
+        ) as r:
+            assert r.status == 200
+            page = orjson.loads(await r.read())
+        return [orjson.loads(e["data"]) for e in page["events"]]
+
+    async def test_replied_and_expired_reach_the_stream_and_the_webhook(
+        self, server: RunningServer, http: aiohttp.ClientSession, receiver: Receiver
+    ) -> None:
+        setup = Setup(server, http)
+        setup.app_id, setup.secret = await server.create_app(
+            webhook_url=receiver.url, webhook_kinds=("message",)
+        )
+        replied = await setup.queue(b"hi")
+        expired = await setup.queue(b"late", "&ttl=0.1")
+        await setup.wait_state(expired["message_id"], "expired", timeout=3)
+        (await setup.device()).serve(recorder([]))
+        await setup.wait_state(replied["message_id"], "replied")
+        await wait_for(lambda: len(receiver.ok()) == 2, 5)
+        bodies = {h.headers["X-Backchannel-Event"]: orjson.loads(h.body) for h in receiver.ok()}
+        assert {h.headers["X-Backchannel-Kind"] for h in receiver.ok()} == {"message"}
+        assert bodies["replied"]["message_id"] == replied["message_id"]
+        assert bodies["replied"]["reply"] == "ok:hi"
+        assert bodies["replied"]["attempts"] == 1
+        assert (bodies["replied"]["app_id"], bodies["replied"]["device_id"]) == (
+            setup.app_id,
+            "dev1",
+        )
+        assert bodies["expired"]["message_id"] == expired["message_id"]
+        assert bodies["expired"]["error"] == "expired"
+        records = await self.status_records(setup)
+        assert {(r["message_id"], r["state"]) for r in records} == {
+            (replied["message_id"], "replied"),
+            (expired["message_id"], "expired"),
+        }
+
+    async def test_cancel_and_device_error_are_announced(self, setup: Setup) -> None:
+        cancelled = await setup.queue(b"c")
+        async with setup.http.delete(
+            setup.url(f"/messages/{cancelled['message_id']}"), headers=setup.auth
+        ) as r:
+            assert r.status == 200
+        dev = await setup.device()
+
+        async def refuse(call: Call) -> None:
+            await dev.error_reply(call.call_id, "nope")
+
+        dev.serve(refuse)
+        failed = await setup.queue(b"f")
+        await setup.wait_state(failed["message_id"], "failed")
+        deadline = time.monotonic() + 5
+        while len(records := await self.status_records(setup)) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        by_id = {r["message_id"]: r for r in records}
+        assert by_id[cancelled["message_id"]]["error"] == "cancelled"
+        assert by_id[failed["message_id"]]["error"] == "device_error"
+
+    async def test_idempotent_calls_are_not_announced(self, setup: Setup) -> None:
+        (await setup.device()).serve()
+        assert (await setup.send(b"x", key="k"))[0] == 200
+        queued = await setup.queue(b"y")
+        await setup.wait_state(queued["message_id"], "replied")
+        deadline = time.monotonic() + 5
+        while not (records := await self.status_records(setup)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert [r["message_id"] for r in records] == [queued["message_id"]]

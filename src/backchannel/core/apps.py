@@ -78,7 +78,7 @@ _CLEARED: dict[str, object] = {
     "webhook_kinds": ("event",),
 }
 #: The kinds of webhook an application can take.
-WEBHOOK_KINDS = ("event", "presence", "call")
+WEBHOOK_KINDS = ("event", "presence", "call", "message")
 
 
 def _check_name(name: str) -> str:

@@ -23,7 +23,8 @@ id it saw.
 **Types.** A device event's type is its name. An unnamed event (every Cometa event, and a
 native one with an empty name) has the type ``message``, the type Server-Sent Events give
 unnamed events. ``presence`` is reserved for presence changes: a device event named
-``presence`` is recorded as ``device:presence``, so a device cannot pass for the server.
+``presence`` is recorded as ``device:presence``, so a device cannot pass for the server; the
+same goes for ``message_status``, the type of a queued message's final state.
 
 **Presence data** is a JSON object: ``online``, ``reason`` (the close reason, ``null`` while
 online), ``remote``, ``transport``, ``session_id``, ``connected_at``, ``last_seen`` (Unix
@@ -65,11 +66,13 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 #: The type of presence changes.
 PRESENCE = "presence"
+#: The type of a queued message's final state (``backchannel.core.messages``).
+MESSAGE_STATUS = "message_status"
 #: The type of unnamed events (all Cometa events).
 UNNAMED = "message"
 #: The prefix that keeps a device event from taking a reserved type.
 DEVICE_PREFIX = "device:"
-_RESERVED = frozenset({PRESENCE})
+_RESERVED = frozenset({PRESENCE, MESSAGE_STATUS})
 # Waits between attempts to write a batch the store refused, then the batch is dropped.
 _RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
@@ -312,6 +315,10 @@ class EventLog:
         """Relay listener: record ``online: false`` with the reason."""
         session = self._online.pop((app_id, device_id), None)
         self._presence(app_id, device_id, session, reason.value, None)
+
+    def record_message_status(self, app_id: str, device_id: str, data: bytes) -> None:
+        """Record a queued message's final state (JSON ``data``; see core/messages.py)."""
+        self._record(NewEvent(app_id, device_id, MESSAGE_STATUS, data, self._clock.time()))
 
     def _presence(
         self,

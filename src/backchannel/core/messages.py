@@ -15,12 +15,17 @@ same key gets the first call's outcome instead of a second delivery.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from backchannel.core.clock import Clock
 from backchannel.core.outcomes import (
@@ -58,6 +63,7 @@ NOT_SENT: tuple[type[CallFailed], ...] = (
 _BATCH = 50  # queued messages read per store query while draining a device's queue
 _PURGE_EVERY = 60.0  # seconds between purges of old final messages
 _BUSY_RETRY = 1.0  # seconds before a busy device's queue is tried again
+_EXPIRED = "the message expired before the device took it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,31 @@ class KeyInProgress(Exception):
     """The first request with this idempotency key is still running elsewhere."""
 
     code = "idempotency_key_in_progress"
+
+
+def message_view(message: Message) -> dict[str, Any]:
+    """The public view of a message (its body is not echoed back): the API's and webhooks'."""
+    view: dict[str, Any] = {
+        "message_id": message.id,
+        "device_id": message.device_id,
+        "state": message.state,
+        "mode": message.mode,
+        "method": message.method,
+        "created_at": message.created_at,
+        "updated_at": message.updated_at,
+        "expires_at": message.expires_at,
+        "timeout": message.timeout,
+        "attempts": message.attempts,
+    }
+    if message.error is not None:
+        view["error"] = message.error
+        view["detail"] = message.detail or ""
+    if message.reply is not None:
+        try:
+            view["reply"] = message.reply.decode()
+        except UnicodeDecodeError:
+            view["reply_base64"] = base64.b64encode(message.reply).decode()
+    return view
 
 
 def body_hash(device_id: str, method: str, body: bytes) -> str:
@@ -125,18 +156,24 @@ class Messages:
         #: Idempotent calls in flight on this node: retries wait for the first one's outcome.
         self._inflight: dict[str, asyncio.Future[CallFailed | None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: Told each queued message's final state: (app, device, JSON of its view). The
+        #: event log's ``record_message_status``, which feeds the event stream and webhooks.
+        self.notify: Callable[[str, str, bytes], None] | None = None
         relay.on_connect(self._on_connect)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Settle what a previous run left in flight, load the queues, start the sweeper."""
-        interrupted = await self._store.interrupt_sent_messages(
-            self._clock.time(),
-            "the server stopped while the message was in flight; the device may have it",
-        )
+        detail = "the server stopped while the message was in flight; the device may have it"
+        interrupted = await self._store.interrupt_sent_messages(self._clock.time(), detail)
         if interrupted:
-            log.warning("%d messages were in flight when the server stopped", interrupted)
+            log.warning("%d messages were in flight when the server stopped", len(interrupted))
+        for app_id, device_id, message_id, mode in interrupted:
+            if mode == "queue":
+                self._announce_final(
+                    app_id, device_id, message_id, DELIVERED, "interrupted", detail
+                )
         self._queued.update(await self._store.queued_devices())
         if self._queued:
             log.info("offline queue: %d devices have queued messages", len(self._queued))
@@ -229,16 +266,13 @@ class Messages:
         message = await self._store.get_message(app_id, message_id)
         if message is None:
             return None
+        now = self._clock.time()
+        detail = "cancelled by the application"
         if await self._store.update_message(
-            app_id,
-            message_id,
-            (QUEUED,),
-            FAILED,
-            self._clock.time(),
-            error="cancelled",
-            detail="cancelled by the application",
+            app_id, message_id, (QUEUED,), FAILED, now, error="cancelled", detail=detail
         ):
             self._count((app_id, message.device_id), -1)
+            self._announce(message, FAILED, now, error="cancelled", detail=detail)
         return await self._store.get_message(app_id, message_id)
 
     def queued(self, app_id: str, device_id: str) -> int:
@@ -310,9 +344,9 @@ class Messages:
         except CallFailed as exc:
             await self._finish(message, exc)
             return True
-        await store.update_message(
-            app_id, message.id, (SENT,), REPLIED, self._clock.time(), reply=reply
-        )
+        now = self._clock.time()
+        if await store.update_message(app_id, message.id, (SENT,), REPLIED, now, reply=reply):
+            self._announce(message, REPLIED, now, reply=reply, sent=True)
         return True
 
     async def _kick_later(self, lane: tuple[str, str], delay: float) -> None:
@@ -323,27 +357,55 @@ class Messages:
     async def _finish(self, message: Message, exc: CallFailed) -> None:
         # The device refused it, or may have got it: either way it is never sent again.
         state = FAILED if isinstance(exc, DeviceError | InvalidMessage) else DELIVERED
-        await self._store.update_message(
-            message.app_id,
-            message.id,
-            (SENT,),
-            state,
-            self._clock.time(),
-            error=exc.code,
-            detail=str(exc),
-        )
+        now = self._clock.time()
+        if await self._store.update_message(
+            message.app_id, message.id, (SENT,), state, now, error=exc.code, detail=str(exc)
+        ):
+            self._announce(message, state, now, error=exc.code, detail=str(exc), sent=True)
 
     async def _expire(self, message: Message, now: float) -> None:
         if await self._store.update_message(
-            message.app_id,
-            message.id,
-            (QUEUED,),
-            EXPIRED,
-            now,
-            error="expired",
-            detail="the message expired before the device took it",
+            message.app_id, message.id, (QUEUED,), EXPIRED, now, error="expired", detail=_EXPIRED
         ):
             self._count((message.app_id, message.device_id), -1)
+            self._announce(message, EXPIRED, now, error="expired", detail=_EXPIRED)
+
+    def _announce(
+        self,
+        message: Message,
+        state: str,
+        now: float,
+        *,
+        reply: bytes | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+        sent: bool = False,
+    ) -> None:
+        """Tell ``notify`` a queued message is final (idempotent calls' callers know already).
+
+        ``message`` is the record as read before it went out; ``sent``: it did go out, which
+        the store counted as an attempt.
+        """
+        if self.notify is None or message.mode != "queue":
+            return
+        final = dataclasses.replace(
+            message,
+            state=state,
+            updated_at=now,
+            reply=reply,
+            error=error,
+            detail=detail,
+            attempts=message.attempts + int(sent),
+        )
+        self.notify(message.app_id, message.device_id, orjson.dumps(message_view(final)))
+
+    def _announce_final(
+        self, app_id: str, device_id: str, message_id: str, state: str, error: str, detail: str
+    ) -> None:
+        """``_announce`` for a message changed in bulk, known only by its id."""
+        if self.notify is not None:
+            view = {"message_id": message_id, "device_id": device_id, "state": state}
+            self.notify(app_id, device_id, orjson.dumps({**view, "error": error, "detail": detail}))
 
     def _count(self, lane: tuple[str, str], delta: int) -> None:
         left = self._queued.get(lane, 0) + delta
@@ -359,8 +421,13 @@ class Messages:
             await asyncio.sleep(self.settings.sweep_interval)
             try:
                 if self._queued:
-                    for lane in await self._store.expire_messages(self._clock.time()):
-                        self._count(lane, -1)
+                    for app_id, device_id, message_id in await self._store.expire_messages(
+                        self._clock.time()
+                    ):
+                        self._count((app_id, device_id), -1)
+                        self._announce_final(
+                            app_id, device_id, message_id, EXPIRED, "expired", _EXPIRED
+                        )
                 if self._clock.monotonic() - last_purge >= _PURGE_EVERY:
                     last_purge = self._clock.monotonic()
                     await self._store.purge_messages(self._clock.time() - self.settings.retention)

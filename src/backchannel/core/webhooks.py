@@ -6,7 +6,10 @@ Three kinds of delivery, chosen per application (``AppRecord.webhook_kinds``):
   written by the event log **in the same store transaction as the event**, so a stored event
   always has its delivery stored too (at-least-once, across restarts).
 - ``presence``: a device connected or disconnected (from the event log's presence records,
-  in the same transaction too); the body is JSON, see :func:`presence_body`.
+  in the same transaction too); the body is JSON, see :func:`record_body`.
+- ``message``: a queued message reached its final state (from the event log's
+  ``message_status`` records, in the same transaction too); the body is JSON, see
+  :func:`record_body`.
 - ``call``: a call made through this node ended; the body is JSON, see :meth:`WebhookPlanner.
   on_call`. These rows are batched and written by a task of their own, off the call's path;
   a crash within that instant can lose one (the call's caller has its answer anyway).
@@ -34,8 +37,11 @@ log = logging.getLogger(__name__)
 EVENT = "event"
 PRESENCE = "presence"
 CALL = "call"
+MESSAGE = "message"
 #: The event log's type of presence records (``backchannel.core.events.PRESENCE``).
 _PRESENCE_TYPE = "presence"
+#: The event log's type of message records (``backchannel.core.events.MESSAGE_STATUS``).
+_MESSAGE_TYPE = "message_status"
 _MAX_PENDING_CALLS = 100_000
 _WANTS_CALLS_TTL = 2.0  # seconds, like AppService's cache
 
@@ -45,11 +51,12 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return float(min(base * 2 ** min(attempts - 1, 60), cap))
 
 
-def presence_body(event: NewEvent) -> bytes:
-    """The JSON body of a presence webhook: the presence record plus who and when.
+def record_body(event: NewEvent) -> bytes:
+    """The JSON body of a presence or message webhook: the record plus who and when.
 
-    ``{"app_id", "device_id", "ts", "online", "reason", "remote", "transport",
-    "session_id", "connected_at", "last_seen", "replaced"}``.
+    Presence: ``{"app_id", "device_id", "ts", "online", "reason", "remote", "transport",
+    "session_id", "connected_at", "last_seen", "replaced"}``. Message: ``{"app_id",
+    "device_id", "ts", "message_id", "state", ...}``, as ``GET .../messages/{id}`` shows it.
     """
     data: dict[str, Any] = {"app_id": event.app_id, "device_id": event.device_id, "ts": event.ts}
     data.update(orjson.loads(event.data))
@@ -97,8 +104,14 @@ class WebhookPlanner:
                     online = orjson.loads(e.data).get("online")
                     name = "connect" if online else "disconnect"
                     rows.append(
-                        NewDelivery(e.app_id, e.device_id, PRESENCE, name, presence_body(e), e.ts)
+                        NewDelivery(e.app_id, e.device_id, PRESENCE, name, record_body(e), e.ts)
                     )
+                    continue
+            elif e.type == _MESSAGE_TYPE:
+                if MESSAGE in wanted:
+                    state = str(orjson.loads(e.data).get("state", ""))
+                    body = record_body(e)
+                    rows.append(NewDelivery(e.app_id, e.device_id, MESSAGE, state, body, e.ts))
                     continue
             elif EVENT in wanted:
                 rows.append(NewDelivery(e.app_id, e.device_id, EVENT, e.name, e.data, e.ts))

@@ -12,12 +12,11 @@ from aiohttp import web
 
 from backchannel.core.apps import AppService
 from backchannel.core.credentials import valid_device_id
-from backchannel.core.messages import KeyInProgress, KeyReused, Messages, QueueFull
+from backchannel.core.messages import KeyInProgress, KeyReused, Messages, QueueFull, message_view
 from backchannel.core.outcomes import CallFailed, call_failure
 from backchannel.core.relay import Relay
 from backchannel.core.timeouts import parse_timeout, resolve_timeout
 from backchannel.frontdoors.errors import ApiError, json_error, json_response, outcome_response
-from backchannel.frontdoors.messages import message_json
 from backchannel.state.store import REPLIED, AppRecord, Message
 
 TIMEOUT_HEADER = "X-Backchannel-Timeout"
@@ -202,7 +201,7 @@ class AppApi:
         }
         if not created:
             headers[REPLAYED_HEADER] = "true"
-        return json_response(message_json(message), 202, headers)
+        return json_response(message_view(message), 202, headers)
 
     async def _call_once(
         self,

@@ -6,45 +6,19 @@ Messages are made by ``POST .../devices/{id}/send`` with ``?offline=queue`` or a
 
 from __future__ import annotations
 
-import base64
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from backchannel.core.messages import Messages
+from backchannel.core.messages import Messages, message_view
 from backchannel.frontdoors.errors import ApiError, json_response
-from backchannel.state.store import DELIVERED, EXPIRED, FAILED, QUEUED, REPLIED, SENT, Message
+from backchannel.state.store import DELIVERED, EXPIRED, FAILED, QUEUED, REPLIED, SENT
 
 if TYPE_CHECKING:
     from backchannel.frontdoors.app_api import AppApi
 
 STATES = (QUEUED, SENT, REPLIED, FAILED, DELIVERED, EXPIRED)
 _LIST_MAX = 1000
-
-
-def message_json(message: Message) -> dict[str, Any]:
-    """The public view of a message (its body is not echoed back)."""
-    view: dict[str, Any] = {
-        "message_id": message.id,
-        "device_id": message.device_id,
-        "state": message.state,
-        "mode": message.mode,
-        "method": message.method,
-        "created_at": message.created_at,
-        "updated_at": message.updated_at,
-        "expires_at": message.expires_at,
-        "timeout": message.timeout,
-        "attempts": message.attempts,
-    }
-    if message.error is not None:
-        view["error"] = message.error
-        view["detail"] = message.detail or ""
-    if message.reply is not None:
-        try:
-            view["reply"] = message.reply.decode()
-        except UnicodeDecodeError:
-            view["reply_base64"] = base64.b64encode(message.reply).decode()
-    return view
 
 
 class MessageApi:
@@ -68,7 +42,7 @@ class MessageApi:
         message = await self._messages.get(app.app_id, message_id)
         if message is None:
             raise ApiError(404, "unknown_message", f"no message {message_id} in this application")
-        return json_response(message_json(message))
+        return json_response(message_view(message))
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Take a queued message out of the queue (it ends ``failed`` with ``cancelled``)."""
@@ -84,7 +58,7 @@ class MessageApi:
                 f"message {message_id} is {message.state}; only queued messages can be cancelled",
                 state=message.state,
             )
-        return json_response(message_json(message))
+        return json_response(message_view(message))
 
     async def list(self, request: web.Request) -> web.Response:
         """A device's messages, oldest first; ``?state=`` (repeatable) and ``?limit=``."""
@@ -104,6 +78,6 @@ class MessageApi:
             {
                 "device_id": device_id,
                 "queued": self._messages.queued(app.app_id, device_id),
-                "messages": [message_json(m) for m in messages],
+                "messages": [message_view(m) for m in messages],
             }
         )

@@ -441,9 +441,9 @@ class MemoryStore:
         holder = self._message_keys.get((app_id, key))
         return None if holder is None else self._messages[holder]
 
-    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
-        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
-        lanes: list[tuple[str, str]] = []
+    async def expire_messages(self, now: float) -> list[tuple[str, str, str]]:
+        """Mark queued messages whose TTL passed as expired; return their (app, device, id)."""
+        expired: list[tuple[str, str, str]] = []
         for mid, m in self._messages.items():
             if m.state == QUEUED and m.expires_at is not None and m.expires_at <= now:
                 self._messages[mid] = dataclasses.replace(
@@ -453,8 +453,8 @@ class MemoryStore:
                     error="expired",
                     detail="the message expired before the device took it",
                 )
-                lanes.append((m.app_id, m.device_id))
-        return lanes
+                expired.append((m.app_id, m.device_id, mid))
+        return expired
 
     async def queued_devices(self) -> dict[tuple[str, str], int]:
         """How many messages are queued per (app, device) that has any."""
@@ -465,16 +465,18 @@ class MemoryStore:
                 counts[lane] = counts.get(lane, 0) + 1
         return counts
 
-    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
+    async def interrupt_sent_messages(
+        self, now: float, detail: str
+    ) -> list[tuple[str, str, str, str]]:
         """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
-        count = 0
+        interrupted: list[tuple[str, str, str, str]] = []
         for mid, m in self._messages.items():
             if m.state == SENT:
                 self._messages[mid] = dataclasses.replace(
                     m, state=DELIVERED, updated_at=now, error="interrupted", detail=detail
                 )
-                count += 1
-        return count
+                interrupted.append((m.app_id, m.device_id, mid, m.mode))
+        return interrupted
 
     async def purge_messages(self, older_than: float) -> int:
         """Delete final messages last changed before ``older_than``; return how many."""

@@ -1027,13 +1027,14 @@ class SqliteStore:
             > 0
         )
 
-    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
-        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
+    async def expire_messages(self, now: float) -> list[tuple[str, str, str]]:
+        """Mark queued messages whose TTL passed as expired; return their (app, device, id)."""
 
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
             with _transaction(conn):
                 rows = conn.execute(
-                    "SELECT app_id, device_id FROM messages WHERE state = ? AND expires_at <= ?",
+                    "SELECT app_id, device_id, id FROM messages "
+                    "WHERE state = ? AND expires_at <= ?",
                     (QUEUED, now),
                 ).fetchall()
                 if rows:
@@ -1043,7 +1044,7 @@ class SqliteStore:
                         "WHERE state = ? AND expires_at <= ?",
                         (EXPIRED, now, QUEUED, now),
                     )
-                return [(str(a), str(d)) for a, d in rows]
+                return [(str(a), str(d), str(i)) for a, d, i in rows]
 
         return await self._run(run)
 
@@ -1072,13 +1073,25 @@ class SqliteStore:
 
         return await self._run(run)
 
-    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
+    async def interrupt_sent_messages(
+        self, now: float, detail: str
+    ) -> list[tuple[str, str, str, str]]:
         """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
-        return await self._exec(
-            "UPDATE messages SET state = ?, updated_at = ?, error = 'interrupted', detail = ? "
-            "WHERE state = ?",
-            (DELIVERED, now, detail, SENT),
-        )
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
+            with _transaction(conn):
+                rows = conn.execute(
+                    "SELECT app_id, device_id, id, mode FROM messages WHERE state = ?", (SENT,)
+                ).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE messages SET state = ?, updated_at = ?, error = 'interrupted', "
+                        "detail = ? WHERE state = ?",
+                        (DELIVERED, now, detail, SENT),
+                    )
+                return [(str(a), str(d), str(i), str(m)) for a, d, i, m in rows]
+
+        return await self._run(run)
 
     async def purge_messages(self, older_than: float) -> int:
         """Delete final messages last changed before ``older_than``; return how many."""

@@ -411,16 +411,21 @@ class Store(Protocol):
         """The app's message holding an idempotency key, or None."""
         ...
 
-    async def expire_messages(self, now: float) -> list[tuple[str, str]]:
-        """Mark queued messages whose TTL passed as expired; one (app, device) per message."""
+    async def expire_messages(self, now: float) -> list[tuple[str, str, str]]:
+        """Mark queued messages whose TTL passed as expired; return their (app, device, id)."""
         ...
 
     async def queued_devices(self) -> dict[tuple[str, str], int]:
         """How many messages are queued per (app, device) that has any."""
         ...
 
-    async def interrupt_sent_messages(self, now: float, detail: str) -> int:
-        """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``."""
+    async def interrupt_sent_messages(
+        self, now: float, detail: str
+    ) -> list[tuple[str, str, str, str]]:
+        """After a restart: ``sent`` messages become ``delivered`` with error ``interrupted``.
+
+        Returns their (app, device, id, mode).
+        """
         ...
 
     async def purge_messages(self, older_than: float) -> int:
