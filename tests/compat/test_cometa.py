@@ -375,3 +375,48 @@ class TestSessions:
         status, body = await app.send("AABBCCDDEEFF", b"x")
         assert status == 502
         assert json.loads(body)["error"] == "device_disconnected"
+
+
+class TestOfflineQueue:
+    """Queued messages and fan-out reach Cometa devices like native ones."""
+
+    async def test_queued_messages_are_delivered_on_attach_in_order(self, app: App) -> None:
+        ids = []
+        for n in range(5):
+            status, raw = await app.send("AABBCCDDEEFF", b"m%d" % n, "?offline=queue")
+            assert status == 202
+            ids.append(orjson.loads(raw)["message_id"])
+        got: list[bytes] = []
+
+        async def record(body: bytes) -> bytes:
+            got.append(body)
+            return b"ack:" + body
+
+        (await app.attach()).serve(record)
+        deadline = time.monotonic() + 5
+        while True:
+            async with app.http.get(app.url(f"/messages/{ids[-1]}"), headers=app.auth) as r:
+                last = orjson.loads(await r.read())
+            if last["state"] == "replied":
+                break
+            assert time.monotonic() < deadline, last
+            await asyncio.sleep(0.02)
+        assert got == [b"m%d" % n for n in range(5)]
+        assert last["reply"] == "ack:m4"
+
+    async def test_fanout_by_tag_reaches_a_provisioned_cometa_device(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        app = await App(server, http).create(allow_open_attach=False)
+        _, key = await server.apps.provision(app.app_id, "C0FFEE", ("kitchen",))
+        auth = f"Authorization: Bearer {key}\r\n"
+        (await app.attach("C0FFEE", extra_headers=auth)).serve(echo)
+        await wait_for(lambda: server.relay.hub.get(app.app_id, "C0FFEE") is not None)
+        async with http.post(
+            app.url("/fanout"), json={"tag": "kitchen", "message": "hi"}, headers=app.auth
+        ) as r:
+            assert r.status == 200
+            result = await r.json()
+        assert [(x["device"], x["status"], x["reply"]) for x in result["results"]] == [
+            ("C0FFEE", "replied", "hi")
+        ]
