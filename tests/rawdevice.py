@@ -104,10 +104,12 @@ async def connect(
     app_id: str,
     device_id: str,
     key: str | None,
+    extra_headers: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> RawDevice:
     """Open a device connection and read its HELLO."""
     headers = {"X-Backchannel-App": app_id, "X-Backchannel-Device": device_id}
+    headers.update(extra_headers or {})
     if key:
         headers["Authorization"] = f"Bearer {key}"
     ws = await session.ws_connect(

@@ -24,6 +24,7 @@ from backchannel.core.clock import Clock, SystemClock
 from backchannel.core.events import EventLog, EventSettings
 from backchannel.core.fanout import Fanout
 from backchannel.core.messages import Messages, MessageSettings
+from backchannel.core.networks import parse_networks
 from backchannel.core.ratelimit import RateLimiter
 from backchannel.core.relay import Relay, RelayLimits
 from backchannel.core.tokens import TunnelTokens
@@ -38,6 +39,7 @@ from backchannel.frontdoors.event_stream import EventStream
 from backchannel.frontdoors.fanout import FanoutApi
 from backchannel.frontdoors.health import Health
 from backchannel.frontdoors.messages import MessageApi
+from backchannel.frontdoors.proxies import proxy_middleware
 from backchannel.frontdoors.socket2me_tokens import Socket2meTokens
 from backchannel.frontdoors.topics import TopicsApi
 from backchannel.frontdoors.tunnel_ingress import TunnelIngress
@@ -214,6 +216,9 @@ def build_app(
         domain=config.domain,
     ).add_routes(app)
     Health(relay).add_routes(app)
+    if config.trusted_proxies:
+        # First of all middlewares: everything after it sees the client, not the proxy.
+        app.middlewares.insert(0, proxy_middleware(parse_networks(config.trusted_proxies)))
 
     admin_token = config.admin_token.get_secret_value() if config.admin_token else None
 

@@ -15,6 +15,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from backchannel.core.networks import parse_networks
+
 MiB = 1024 * 1024
 
 
@@ -104,6 +106,10 @@ class Config(BaseSettings):
     max_queued_per_device: int = Field(
         1000, ge=1, description="Queued messages a device may have waiting"
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Proxies (IPs or CIDRs) whose X-Forwarded-For/-Proto are believed",
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="Time for calls in flight at shutdown")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="Log every HTTP request (without query strings)")
@@ -116,6 +122,7 @@ class Config(BaseSettings):
             raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
+        parse_networks(self.trusted_proxies)  # raises ValueError naming a bad entry
         if self.message_ttl > self.message_max_ttl:
             raise ValueError("message_ttl must not exceed message_max_ttl")
         if (self.tls_cert is None) != (self.tls_key is None):

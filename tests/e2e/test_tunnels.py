@@ -788,3 +788,21 @@ async def test_admin_delete_releases_the_name(
             assert r.status == 404
     finally:
         await first.stop()
+
+
+async def test_behind_a_trusted_proxy(
+    make_server: ServerFactory, local: LocalService, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(trusted_proxies=["127.0.0.1"])
+    app_id, (key,) = await credentials(server, "dev1")
+    async with tunnel_up(
+        server.url, app_id, "dev1", key, local.port, allow_ip=["198.51.100.0/24"]
+    ) as tunnel:
+        url = tunnel.public_url + "echo"
+        # IP rules see the client the proxy names; the chain gets the proxy appended.
+        status, _, answer = await get_json(http, url, headers={"X-Forwarded-For": "198.51.100.4"})
+        assert status == 200
+        assert header_values(answer["headers"], "X-Forwarded-For") == ["198.51.100.4, 127.0.0.1"]
+        status, _, answer = await get_json(http, url, headers={"X-Forwarded-For": "203.0.113.1"})
+        assert (status, answer["error"]) == (403, "ip_not_allowed")
+        assert "203.0.113.1" in answer["detail"]

@@ -24,6 +24,12 @@ from backchannel.config import load_config
 @click.option("--heartbeat-timeout", type=float, help="Silence before a device drops [75].")
 @click.option("--max-body-size", type=int, help="Largest body in bytes [16 MiB].")
 @click.option("--max-inflight-per-device", type=int, help="Calls in flight per device [10000].")
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    help="A reverse proxy (IP or CIDR) whose X-Forwarded-For/-Proto to believe; repeatable.",
+)
 @click.option("--message-ttl", type=float, help="Queued message lifetime without ?ttl= [86400].")
 @click.option("--message-max-ttl", type=float, help="Longest ?ttl= for queued messages [604800].")
 @click.option(
@@ -68,6 +74,8 @@ def serve(config_file: Path | None, **flags: object) -> None:
     """Run the relay server (flags > BACKCHANNEL_* variables > --config file > defaults)."""
     from backchannel.app import run
 
+    # A repeatable flag given no value is (), which must not hide the variable or the file.
+    flags["trusted_proxies"] = list(flags["trusted_proxies"]) or None  # type: ignore[call-overload]
     try:
         config = load_config(config_file, **flags)
     except (ValidationError, FileNotFoundError, ValueError) as exc:

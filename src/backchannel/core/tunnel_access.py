@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backchannel.core.clock import Clock
+from backchannel.core.networks import Network
 from backchannel.core.outcomes import TunnelRefused
 from backchannel.core.ratelimit import RateLimiter
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)

@@ -402,7 +402,10 @@ def _cut(request: web.BaseRequest) -> None:
 def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
     """The request's headers as received, plus ``X-Forwarded-For/-Proto/-Host``."""
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-    remote = request.remote or ""
+    # The hop we saw: behind a trusted proxy ``request.remote`` is already the client, who is
+    # in the chain the proxy sent; this hop appends the proxy itself.
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    remote = str(peer[0]) if isinstance(peer, tuple) and peer else (request.remote or "")
     # Append to a chain set by a proxy in front; Proto and Host describe this hop.
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
     headers = [

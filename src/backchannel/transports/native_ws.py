@@ -93,6 +93,8 @@ def _expire(future: asyncio.Future[bytes]) -> None:
 def _remote(request: web.Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if isinstance(peer, tuple) and len(peer) >= 2:
+        if request.remote and request.remote != peer[0]:
+            return request.remote  # the client behind a trusted proxy (frontdoors/proxies.py)
         return f"{peer[0]}:{peer[1]}"
     return request.remote or ""
 
