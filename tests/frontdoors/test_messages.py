@@ -566,3 +566,26 @@ class TestNotifications:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         assert [r["message_id"] for r in records] == [queued["message_id"]]
+
+
+async def metric(http: aiohttp.ClientSession, server: RunningServer, line_start: str) -> float:
+    """The value of one sample of ``/metrics`` (0 when absent)."""
+    async with http.get(server.url + "/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_queue_metrics(setup: Setup) -> None:
+    queued = "backchannel_messages_queued"
+    replied = 'backchannel_messages_final_total{state="replied"}'
+    before_q = await metric(setup.http, setup.server, queued)
+    before_r = await metric(setup.http, setup.server, replied)
+    accepted = [await setup.queue(b"%d" % i) for i in range(3)]
+    assert await metric(setup.http, setup.server, queued) == before_q + 3
+    (await setup.device()).serve()
+    await setup.wait_state(accepted[-1]["message_id"], "replied")
+    assert await metric(setup.http, setup.server, queued) == before_q
+    assert await metric(setup.http, setup.server, replied) == before_r + 3

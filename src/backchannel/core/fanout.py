@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from backchannel.core import metrics
 from backchannel.core.apps import AppService
 from backchannel.core.credentials import valid_device_id
 from backchannel.core.outcomes import CallFailed, CallTimedOut, DeviceOffline
@@ -137,6 +138,7 @@ class Fanout:
             TooManyDevices: more devices than ``max_devices``.
         """
         self.check_size(len(device_ids))
+        metrics.FANOUTS.inc()
         if not device_ids:
             return FanoutReport(timeout, [])
         clock = self._relay.clock

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from backchannel.core import metrics
 from backchannel.core.clock import Clock
 from backchannel.core.outcomes import (
     CallFailed,
@@ -175,6 +176,7 @@ class Messages:
                     app_id, device_id, message_id, DELIVERED, "interrupted", detail
                 )
         self._queued.update(await self._store.queued_devices())
+        metrics.MESSAGES_QUEUED.set(sum(self._queued.values()))
         if self._queued:
             log.info("offline queue: %d devices have queued messages", len(self._queued))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -239,7 +241,7 @@ class Messages:
         if not created:
             _check_same(stored, "queue", digest)
             return stored, False
-        self._queued[lane] = self._queued.get(lane, 0) + 1
+        self._count(lane, +1)
         if self._relay.hub.get(app_id, device_id) is not None:
             self._kick(lane)
         return stored, True
@@ -300,7 +302,8 @@ class Messages:
                 if not batch:
                     if lane in self._dirty:
                         continue
-                    self._queued.pop(lane, None)
+                    # None left: a count that drifted (a row changed elsewhere) is reset here.
+                    metrics.MESSAGES_QUEUED.dec(self._queued.pop(lane, 0))
                     return
                 for message in batch:
                     if not await self._deliver(message):
@@ -386,7 +389,10 @@ class Messages:
         ``message`` is the record as read before it went out; ``sent``: it did go out, which
         the store counted as an attempt.
         """
-        if self.notify is None or message.mode != "queue":
+        if message.mode != "queue":
+            return
+        metrics.MESSAGES_FINAL.labels(state).inc()
+        if self.notify is None:
             return
         final = dataclasses.replace(
             message,
@@ -403,11 +409,13 @@ class Messages:
         self, app_id: str, device_id: str, message_id: str, state: str, error: str, detail: str
     ) -> None:
         """``_announce`` for a message changed in bulk, known only by its id."""
+        metrics.MESSAGES_FINAL.labels(state).inc()
         if self.notify is not None:
             view = {"message_id": message_id, "device_id": device_id, "state": state}
             self.notify(app_id, device_id, orjson.dumps({**view, "error": error, "detail": detail}))
 
     def _count(self, lane: tuple[str, str], delta: int) -> None:
+        metrics.MESSAGES_QUEUED.inc(delta)
         left = self._queued.get(lane, 0) + delta
         if left > 0:
             self._queued[lane] = left

@@ -28,3 +28,14 @@ TUNNEL_CLIENTS = Gauge("backchannel_tunnel_clients", "Connected tunnel clients",
 TUNNEL_REQUESTS = Counter(
     "backchannel_tunnel_requests", "Public requests through tunnels, by outcome", ["outcome"]
 )
+MESSAGES_QUEUED = Gauge(
+    "backchannel_messages_queued", "Queued messages waiting for their devices (this node's count)"
+)
+MESSAGES_FINAL = Counter(
+    "backchannel_messages_final", "Queued messages that reached a final state, by state", ["state"]
+)
+TOPIC_PUBLISHES = Counter("backchannel_topic_publishes", "Messages published to topics")
+TOPIC_PUSHES = Counter(
+    "backchannel_topic_pushes", "PUSH frames sent to subscribed devices, by outcome", ["outcome"]
+)
+FANOUTS = Counter("backchannel_fanouts", "Fan-out calls")

@@ -380,6 +380,7 @@ class Relay:
             ValueError: ``topic`` is not a valid topic name.
         """
         validate_topic(topic)
+        metrics.TOPIC_PUBLISHES.inc()
         delivered = 0
         for subscriber in self.topics.match(app_id, topic):
             # One broken or congested session must not cost the others their message.
@@ -387,11 +388,15 @@ class Relay:
                 subscriber.push(topic, data)
             except ConnectionError as exc:
                 log.debug("push to %s/%s dropped: %s", app_id, subscriber.device_id, exc)
+                metrics.TOPIC_PUSHES.labels("congested").inc()
                 continue
             except Exception:
                 log.exception("push to %s/%s failed", app_id, subscriber.device_id)
+                metrics.TOPIC_PUSHES.labels("error").inc()
                 continue
             delivered += 1
+        if delivered:
+            metrics.TOPIC_PUSHES.labels("sent").inc(delivered)
         return delivered
 
     def topic_devices(self, app_id: str, topic: str) -> list[str]:
