@@ -157,7 +157,7 @@ def build_app(
     api.add_routes(app)
     MessageApi(messages, api).add_routes(app)
     TopicsApi(relay, api).add_routes(app)
-    FanoutApi(Fanout(relay, apps, config.fanout_max_devices), api).add_routes(app)
+    FanoutApi(Fanout(relay, apps, config.fanout_max_devices), api, messages).add_routes(app)
     sockets = AppWebSockets(relay, apps, api, max_message=config.max_body_size)
     sockets.add_routes(app)
     sockets.attach()

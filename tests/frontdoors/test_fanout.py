@@ -182,6 +182,7 @@ class TestDevices:
             "total": 0,
             "replied": 0,
             "offline": 0,
+            "queued": 0,
             "timed_out": 0,
             "failed": 0,
             "results": [],
@@ -462,3 +463,51 @@ async def test_calls_start_together(setup: Setup) -> None:
     data = await setup.fanout({"devices": [f"s{i}" for i in range(10)], "message": "x"})
     assert data["replied"] == 10
     assert time.monotonic() - started < 1.5
+
+
+class TestQueueOffline:
+    """``"offline": "queue"``: offline devices get the message when they connect."""
+
+    async def test_offline_devices_get_a_queued_message(self, setup: Setup) -> None:
+        (await setup.device("on")).serve()
+        data = await setup.fanout(
+            {"devices": ["on", "later"], "message": "fw-2.1", "offline": "queue", "ttl": 60}
+        )
+        assert (data["replied"], data["queued"], data["offline"]) == (1, 1, 0)
+        queued = by_device(data)["later"]
+        assert queued["status"] == "queued" and queued["message_id"].startswith("msg_")
+        assert "error" not in queued
+        got: list[bytes] = []
+
+        async def record(call: Call) -> bytes:
+            got.append(call.body)
+            return b"ok"
+
+        (await setup.device("later")).serve(record)
+        message_url = f"{setup.server.url}/v1/applications/{setup.app_id}/messages/"
+        deadline = time.monotonic() + 5
+        while True:
+            async with setup.http.get(message_url + queued["message_id"], headers=setup.auth) as r:
+                message = orjson.loads(await r.read())
+            if message["state"] == "replied":
+                break
+            assert time.monotonic() < deadline, message
+            await asyncio.sleep(0.02)
+        assert got == [b"fw-2.1"]
+        assert message["expires_at"] - message["created_at"] == pytest.approx(60, abs=0.5)
+
+    @pytest.mark.parametrize(
+        ("extra", "error"),
+        [
+            ({"offline": "later"}, "invalid_offline"),
+            ({"ttl": 5}, "invalid_ttl"),
+            ({"offline": "queue", "ttl": 0}, "invalid_ttl"),
+            ({"offline": "queue", "ttl": "soon"}, "invalid_ttl"),
+            ({"offline": "queue", "ttl": 10**9}, "invalid_ttl"),
+        ],
+    )
+    async def test_bad_offline_fields(
+        self, setup: Setup, extra: dict[str, Any], error: str
+    ) -> None:
+        status, data, _ = await setup.post({"devices": ["x"], "message": "m", **extra})
+        assert (status, data["error"]) == (400, error)

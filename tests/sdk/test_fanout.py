@@ -134,3 +134,17 @@ async def test_sync_client(server: RunningServer) -> None:
         result = await asyncio.to_thread(plain_sync_code)
     assert (result.replied, result.offline) == (1, 1)
     assert result.replies == {"s1": b"s1:sync"}
+
+
+async def test_queue_for_offline_devices(server: RunningServer) -> None:
+    app_id, secret = await server.create_app()
+    async with AsyncClient(server.url, app_id, secret) as client:
+        async with device(server, app_id, "d1"):
+            result = await client.fanout("go", devices=["d1", "d2"], offline="queue", ttl=30)
+        assert (result.replied, result.queued, result.offline) == (1, 1, 0)
+        queued = result.results[1]
+        assert (queued.status, queued.ok, queued.error) == ("queued", False, None)
+        assert queued.message_id is not None
+        async with device(server, app_id, "d2"):
+            done = await client.wait_message(queued.message_id, timeout=5)
+        assert (done.state, done.reply) == ("replied", b"d2:go")

@@ -36,6 +36,8 @@ class Status(StrEnum):
 
     REPLIED = "replied"
     OFFLINE = "offline"
+    #: Offline, and queued for delivery when it connects (the fan-out asked for it).
+    QUEUED = "queued"
     TIMEOUT = "timeout"
     ERROR = "error"
 
@@ -59,6 +61,8 @@ class DeviceOutcome:
     reply: bytes | None = None
     error: str | None = None
     detail: str = ""
+    #: The queued message's id (status ``queued``).
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

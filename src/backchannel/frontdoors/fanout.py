@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
 from backchannel.core.fanout import DeviceOutcome, Fanout, Status, TooManyDevices
+from backchannel.core.messages import Messages, QueueFull
 from backchannel.core.timeouts import parse_timeout
 from backchannel.frontdoors.app_api import TIMEOUT_HEADER, AppApi
 from backchannel.frontdoors.errors import MAX_BODY, ApiError, json_response, read_json
 
 _TARGETS = ("devices", "tag", "topic")
 _MESSAGES = ("message", "message_base64")
-_FIELDS = frozenset((*_TARGETS, *_MESSAGES, "method", "timeout"))
+_FIELDS = frozenset((*_TARGETS, *_MESSAGES, "method", "timeout", "offline", "ttl"))
 MAX_METHOD = 255  # bytes of UTF-8, as for send's ?method=
 
 
@@ -34,6 +35,9 @@ class FanoutRequest:
     body: bytes
     method: str
     timeout: float | None
+    #: Queue the message for the devices found offline (``"offline": "queue"``).
+    queue: bool = False
+    ttl: float | None = None
 
 
 def parse_request(data: dict[str, Any]) -> FanoutRequest:
@@ -64,7 +68,21 @@ def parse_request(data: dict[str, Any]) -> FanoutRequest:
             raise ApiError(400, "invalid_target", "'devices' must be a list of device id strings")
     elif not isinstance(value, str) or not value:
         raise ApiError(400, "invalid_target", f"{target!r} must be a non-empty string")
-    return FanoutRequest(target, value, _message(data), _method(data), _timeout(data))
+    offline = data.get("offline", "report")
+    if offline not in ("report", "queue"):
+        raise ApiError(400, "invalid_offline", "'offline' must be 'report' or 'queue'")
+    ttl = _seconds(data, "ttl")
+    if ttl is not None and offline != "queue":
+        raise ApiError(400, "invalid_ttl", '\'ttl\' goes with "offline": "queue"')
+    return FanoutRequest(
+        target,
+        value,
+        _message(data),
+        _method(data),
+        _seconds(data, "timeout"),
+        queue=offline == "queue",
+        ttl=ttl,
+    )
 
 
 def _message(data: dict[str, Any]) -> bytes:
@@ -93,17 +111,17 @@ def _method(data: dict[str, Any]) -> str:
     return method
 
 
-def _timeout(data: dict[str, Any]) -> float | None:
-    raw = data.get("timeout")
+def _seconds(data: dict[str, Any], name: str) -> float | None:
+    raw = data.get(name)
     if raw is None:
         return None
     # bool is an int in Python, but `true` is no number of seconds.
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise ApiError(400, "invalid_timeout", "'timeout' must be a number of seconds")
+        raise ApiError(400, f"invalid_{name}", f"'{name}' must be a number of seconds")
     try:
         return parse_timeout(str(raw))
     except ValueError as exc:
-        raise ApiError(400, "invalid_timeout", str(exc)) from None
+        raise ApiError(400, f"invalid_{name}", str(exc).replace("timeout", name)) from None
 
 
 def outcome_json(outcome: DeviceOutcome) -> dict[str, Any]:
@@ -113,7 +131,9 @@ def outcome_json(outcome: DeviceOutcome) -> dict[str, Any]:
         "status": outcome.status.value,
         "ms": round(outcome.ms, 3),
     }
-    if outcome.reply is not None:
+    if outcome.message_id is not None:
+        item["message_id"] = outcome.message_id
+    elif outcome.reply is not None:
         try:
             item["reply"] = outcome.reply.decode()
         except UnicodeDecodeError:
@@ -124,12 +144,17 @@ def outcome_json(outcome: DeviceOutcome) -> dict[str, Any]:
     return item
 
 
+def _count(outcomes: list[DeviceOutcome], status: Status) -> int:
+    return sum(1 for o in outcomes if o.status is status)
+
+
 class FanoutApi:
     """The fan-out route, authorized like every app route."""
 
-    def __init__(self, fanout: Fanout, api: AppApi) -> None:
+    def __init__(self, fanout: Fanout, api: AppApi, messages: Messages | None = None) -> None:
         self._fanout = fanout
         self._api = api
+        self._messages = messages
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the route."""
@@ -145,17 +170,43 @@ class FanoutApi:
         except TooManyDevices as exc:
             raise ApiError(400, "too_many_devices", str(exc), limit=exc.limit) from None
         timeout = self._api.call_timeout(app, parsed.timeout)
+        if parsed.queue:
+            if self._messages is None:
+                raise ApiError(501, "not_supported", "this server keeps no messages")
+            if parsed.ttl is not None and parsed.ttl > self._messages.settings.max_ttl:
+                limit = self._messages.settings.max_ttl
+                raise ApiError(400, "invalid_ttl", f"ttl is at most {limit:g} s")
         report = await self._fanout.run(app.app_id, device_ids, parsed.body, parsed.method, timeout)
+        outcomes = report.outcomes
+        if parsed.queue:
+            outcomes = [
+                await self._queue_if_offline(app.app_id, o, parsed, timeout) for o in outcomes
+            ]
         body = {
             "timeout": timeout,
-            "total": len(report.outcomes),
-            "replied": report.count(Status.REPLIED),
-            "offline": report.count(Status.OFFLINE),
-            "timed_out": report.count(Status.TIMEOUT),
-            "failed": report.count(Status.ERROR),
-            "results": [outcome_json(o) for o in report.outcomes],
+            "total": len(outcomes),
+            "replied": _count(outcomes, Status.REPLIED),
+            "offline": _count(outcomes, Status.OFFLINE),
+            "queued": _count(outcomes, Status.QUEUED),
+            "timed_out": _count(outcomes, Status.TIMEOUT),
+            "failed": _count(outcomes, Status.ERROR),
+            "results": [outcome_json(o) for o in outcomes],
         }
         return json_response(body, headers={TIMEOUT_HEADER: f"{timeout:g}"})
+
+    async def _queue_if_offline(
+        self, app_id: str, outcome: DeviceOutcome, parsed: FanoutRequest, timeout: float
+    ) -> DeviceOutcome:
+        """An offline device's outcome becomes a queued message (or the reason it cannot)."""
+        if outcome.status is not Status.OFFLINE or self._messages is None:
+            return outcome
+        try:
+            message, _ = await self._messages.enqueue(
+                app_id, outcome.device_id, parsed.body, parsed.method, timeout, parsed.ttl, None
+            )
+        except QueueFull as exc:
+            return replace(outcome, status=Status.ERROR, error=exc.code, detail=str(exc))
+        return replace(outcome, status=Status.QUEUED, error=None, detail="", message_id=message.id)
 
     async def _targets(self, app_id: str, parsed: FanoutRequest) -> list[str]:
         if isinstance(parsed.value, list):

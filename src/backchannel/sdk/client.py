@@ -242,8 +242,13 @@ class AsyncClient:
         topic: str | None = None,
         method: str = "",
         timeout: float | None = None,
+        offline: Literal["report", "queue"] = "report",
+        ttl: float | None = None,
     ) -> FanoutResult:
         """Call many devices with one message at once; every device's outcome, in order.
+
+        With ``offline="queue"``, each device found offline gets the message queued (within
+        ``ttl`` seconds) and the status ``queued`` with its ``message_id``.
 
         Give exactly one of ``devices`` (ids), ``tag`` or ``topic``. A device that is
         offline, times out or fails does not raise: see each result's ``status``.
@@ -271,6 +276,10 @@ class AsyncClient:
             payload["method"] = method
         if timeout is not None:
             payload["timeout"] = float(timeout)
+        if offline != "report":
+            payload["offline"] = offline
+        if ttl is not None:
+            payload["ttl"] = float(ttl)
         http_timeout = aiohttp.ClientTimeout(
             total=None if timeout is None else timeout + _SEND_MARGIN,
             sock_connect=_CONNECT_TIMEOUT,
@@ -529,11 +538,20 @@ class Client:
         topic: str | None = None,
         method: str = "",
         timeout: float | None = None,
+        offline: Literal["report", "queue"] = "report",
+        ttl: float | None = None,
     ) -> FanoutResult:
         """Call many devices with one message at once (see :meth:`AsyncClient.fanout`)."""
         return self._runner.run(
             self._client.fanout(
-                message, devices=devices, tag=tag, topic=topic, method=method, timeout=timeout
+                message,
+                devices=devices,
+                tag=tag,
+                topic=topic,
+                method=method,
+                timeout=timeout,
+                offline=offline,
+                ttl=ttl,
             )
         )
 

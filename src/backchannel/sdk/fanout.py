@@ -1,7 +1,8 @@
 """The result of a fan-out call (``POST .../fanout``): one outcome per device.
 
 A fan-out never raises for a device that failed: each device's outcome is a
-:class:`FanoutReply` whose ``status`` is ``replied``, ``offline``, ``timeout`` or ``error``.
+:class:`FanoutReply` whose ``status`` is ``replied``, ``offline``, ``queued`` (offline, and
+queued when the fan-out asked for it), ``timeout`` or ``error``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from backchannel.sdk.errors import BackchannelError
 
 REPLIED = "replied"
 OFFLINE = "offline"
+QUEUED = "queued"
 TIMEOUT = "timeout"
 ERROR = "error"
 
@@ -29,6 +31,8 @@ class FanoutReply:
     reply: bytes | None = None
     error: str | None = None
     detail: str = ""
+    #: The id of the message queued for an offline device (status ``queued``).
+    message_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -51,6 +55,7 @@ class FanoutReply:
             reply=reply,
             error=str(error) if error is not None else None,
             detail=str(item.get("detail") or ""),
+            message_id=str(item["message_id"]) if item.get("message_id") else None,
         )
 
 
@@ -65,6 +70,7 @@ class FanoutResult:
     timed_out: int
     failed: int
     results: list[FanoutReply]
+    queued: int = 0
 
     @property
     def replies(self) -> dict[str, bytes]:
@@ -87,6 +93,7 @@ class FanoutResult:
                 timed_out=int(data["timed_out"]),
                 failed=int(data["failed"]),
                 results=[FanoutReply.from_object(item) for item in data["results"]],
+                queued=int(data.get("queued", 0)),
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise BackchannelError(
