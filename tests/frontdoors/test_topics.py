@@ -263,3 +263,26 @@ class TestRefusals:
         assert (status, body["error"]) == (413, "body_too_large")
         await settle()
         assert pushes(dev) == [("t", b"x" * 4096)]
+
+
+async def test_presence_lists_the_subscriptions(
+    server: RunningServer, http: aiohttp.ClientSession
+) -> None:
+    app_id, secret = await server.create_app()
+    key = await server.provision(app_id, "d1")
+    dev = (await connect(http, server.ws_url, app_id, "d1", key)).serve()
+    for pattern in ("b/+", "a/#"):
+        _, frame = dev.conn.subscribe(pattern)
+        await dev.ws.send_bytes(frame)
+    url = f"{server.url}/v1/applications/{app_id}/devices/d1"
+    auth = {"Authorization": f"OAuth {secret}"}
+
+    async def subscriptions() -> list[str]:
+        async with http.get(url, headers=auth) as r:
+            return list((await r.json())["subscriptions"])
+
+    deadline = asyncio.get_running_loop().time() + 5
+    while (got := await subscriptions()) != ["a/#", "b/+"]:
+        assert asyncio.get_running_loop().time() < deadline, got
+        await asyncio.sleep(0.02)
+    await dev.close()

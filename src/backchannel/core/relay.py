@@ -336,7 +336,9 @@ class Relay:
         session = self.hub.get(app_id, device_id)
         if session is not None:
             counter = self.websocket_counter
-            return presence(session, counter(app_id, device_id) if counter else 0)
+            info = presence(session, counter(app_id, device_id) if counter else 0)
+            info["subscriptions"] = sorted(self.topics.patterns(session))
+            return info
         node = await self.broker.owner(app_id, device_id)
         if node is None or node == self.node_id:
             return None

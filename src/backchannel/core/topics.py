@@ -155,9 +155,11 @@ class TopicIndex:
                 found.update(subscribers)
         return list(found)
 
-    def patterns(self, subscriber: Subscriber) -> set[str]:
-        """The patterns ``subscriber`` holds (a copy)."""
-        return {pattern for _, pattern in self._by_subscriber.get(subscriber, ())}
+    def patterns(self, subscriber: object) -> set[str]:
+        """The patterns ``subscriber`` holds (a copy); none for an object that never subscribed."""
+        # Any session may be asked about (a Cometa one never subscribes): a lookup by identity.
+        held = self._by_subscriber.get(subscriber)  # type: ignore[call-overload]
+        return {pattern for _, pattern in held or ()}
 
     def __len__(self) -> int:
         """How many subscribers hold at least one pattern."""
