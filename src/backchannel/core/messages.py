@@ -294,26 +294,33 @@ class Messages:
 
     async def _drain(self, lane: tuple[str, str]) -> None:
         # One drain per device at a time: that is what keeps the queue in order.
-        app_id, device_id = lane
         try:
-            while self._relay.hub.get(app_id, device_id) is not None:
-                self._dirty.discard(lane)
-                batch = await self._store.list_messages(app_id, device_id, (QUEUED,), _BATCH)
-                if not batch:
-                    if lane in self._dirty:
-                        continue
-                    # None left: a count that drifted (a row changed elsewhere) is reset here.
-                    metrics.MESSAGES_QUEUED.dec(self._queued.pop(lane, 0))
-                    return
-                for message in batch:
-                    if not await self._deliver(message):
-                        return
+            await self._drain_lane(lane)
         except asyncio.CancelledError:
+            self._drains.pop(lane, None)
             raise
         except Exception:
             log.exception("offline queue of %s/%s failed; retrying at the next connect", *lane)
-        finally:
-            self._drains.pop(lane, None)
+        self._drains.pop(lane, None)
+        # Kicked while stopping (say the device came back while its old session's call was
+        # being put back in the queue): that kick found this drain still running, so go again.
+        if lane in self._dirty and self._queued.get(lane) and self._relay.hub.get(*lane):
+            self._kick(lane)
+
+    async def _drain_lane(self, lane: tuple[str, str]) -> None:
+        app_id, device_id = lane
+        while self._relay.hub.get(app_id, device_id) is not None:
+            self._dirty.discard(lane)
+            batch = await self._store.list_messages(app_id, device_id, (QUEUED,), _BATCH)
+            if not batch:
+                if lane in self._dirty:
+                    continue
+                # None left: a count that drifted (a row changed elsewhere) is reset here.
+                metrics.MESSAGES_QUEUED.dec(self._queued.pop(lane, 0))
+                return
+            for message in batch:
+                if not await self._deliver(message):
+                    return
 
     async def _deliver(self, message: Message) -> bool:
         """Send one queued message; False when the device cannot take more now."""
@@ -483,9 +490,8 @@ class Messages:
             failure = await asyncio.shield(first)
             if failure is not None:
                 raise failure
-            final = await self._store.get_message(app_id, stored.id)
-            assert final is not None  # final records are kept for ``retention``
-            return final, False
+            # Kept for ``retention``; gone only if the app was deleted meanwhile.
+            return (await self._store.get_message(app_id, stored.id)) or stored, False
         done: asyncio.Future[CallFailed | None] = asyncio.get_running_loop().create_future()
         self._inflight[stored.id] = done
         try:
@@ -517,9 +523,7 @@ class Messages:
             await store.update_message(
                 app_id, record.id, (SENT,), REPLIED, self._clock.time(), reply=reply
             )
-        final = await store.get_message(app_id, record.id)
-        assert final is not None
-        return final
+        return (await store.get_message(app_id, record.id)) or record
 
 
 def _check_same(stored: Message, mode: str, digest: str) -> None:
