@@ -648,6 +648,15 @@ class TestDeviceAgentOptions:
         result = invoke("device", "--server", "http://x", "--app", "a", "--id", "d")
         assert result.exit_code == 2 and "--handler" in result.output
 
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [("=x:y", "PATTERN[=module:function]"), ("a/#/b", "#"), ("t=nocolon", "module:function")],
+    )
+    def test_bad_subscription(self, value: str, message: str) -> None:
+        args = ["device", "--server", "http://127.0.0.1:1", "--app", "a", "--id", "d"]
+        result = invoke(*args, "--subscribe", value)
+        assert result.exit_code == 2 and message in result.output
+
 
 # -- end to end ----------------------------------------------------------------------------------
 
@@ -735,6 +744,39 @@ class TestDeviceAgent:
             )
             assert result.exit_code == 0, result.output
             assert result.stdout_bytes == b"round trip"
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
+
+    async def test_subscribe_prints_and_publish_counts(
+        self, server: RunningServer, tmp_path: Path
+    ) -> None:
+        app_id, secret = await server.create_app()
+        key = await server.provision(app_id, "agent")
+        env = {k: v for k, v in os.environ.items() if k not in ENV_CLEAR}
+        env["BACKCHANNEL_DEVICE_KEY"] = key
+        args = ["device", "--server", server.url, "--app", app_id, "--id", "agent"]
+        args += ["--subscribe", "lights/+", "--log-level", "warning"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "backchannel", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            publish = ("publish", app_id, "lights/kitchen", "off", "--server", server.url)
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:  # until the agent is connected and subscribed
+                result = await ainvoke(*publish, "--secret", secret)
+                assert result.exit_code == 0, result.output
+                if result.stdout.startswith("1 device"):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "the agent never subscribed"
+                await asyncio.sleep(0.1)
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 10)
+            assert line == b"lights/kitchen\toff\n"
+            result = await ainvoke(*publish[:2], "bad/#", "x", "--server", server.url,
+                                   "--secret", secret)  # fmt: skip
+            assert result.exit_code == 1 and "invalid_topic" in result.stderr
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 10)

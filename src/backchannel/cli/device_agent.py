@@ -24,6 +24,11 @@ def echo(body: bytes) -> bytes:
     return body
 
 
+def print_push(topic: str, data: bytes) -> None:
+    """Write a published message to stdout: the topic, a tab, the data (UTF-8, escaped)."""
+    click.echo(f"{topic}\t{data.decode('utf-8', 'backslashreplace')}")
+
+
 def resolve(spec: str) -> Handler:
     """Import the callable a ``module:function`` string names.
 
@@ -71,6 +76,18 @@ def _resolve_methods(
     return out
 
 
+def _resolve_subscriptions(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[str, Handler]]:
+    out: list[tuple[str, Handler]] = []
+    for item in values:
+        pattern, sep, spec = item.partition("=")
+        if not pattern or (sep and not spec):
+            raise click.BadParameter(f"{item!r} is not of the form PATTERN[=module:function]")
+        out.append((pattern, resolve(spec) if sep else print_push))
+    return out
+
+
 @click.command()
 @click.option(
     "--server",
@@ -104,6 +121,15 @@ def _resolve_methods(
     help="Answers calls of method NAME (repeatable).",
 )
 @click.option(
+    "--subscribe",
+    "subscriptions",
+    multiple=True,
+    callback=_resolve_subscriptions,
+    metavar="PATTERN[=module:function]",
+    help="Receive messages published on topics matching PATTERN (MQTT wildcards + and #): "
+    "printed as 'topic<TAB>data' lines, or passed to function(topic, data). Repeatable.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -117,11 +143,12 @@ def device(
     key: str | None,
     handler: Handler | None,
     methods: list[tuple[str, Handler]],
+    subscriptions: list[tuple[str, Handler]],
     log_level: str,
 ) -> None:
     """Connect as a device and answer calls until interrupted (reconnecting as needed)."""
-    if handler is None and not methods:
-        raise click.UsageError("give --handler, or at least one --method")
+    if handler is None and not methods and not subscriptions:
+        raise click.UsageError("give --handler, at least one --method, or --subscribe")
     if not server.startswith(("http://", "https://", "ws://", "wss://")):
         raise click.BadParameter("must start with http(s):// or ws(s)://", param_hint="--server")
     try:
@@ -139,6 +166,11 @@ def device(
         agent.add_handler(handler)
     for name, fn in methods:
         agent.add_handler(fn, method=name)
+    for pattern, fn in subscriptions:
+        try:
+            agent.topic(pattern)(fn)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--subscribe") from None
     click.echo(f"Device {device_id} of {app_id} connecting to {server} (Ctrl-C stops).", err=True)
     try:
         agent.run()

@@ -8,6 +8,7 @@ from backchannel import __version__
 from backchannel.cli.apps import apps, devices
 from backchannel.cli.device_agent import device
 from backchannel.cli.expose import expose
+from backchannel.cli.publish import publish
 from backchannel.cli.send import send
 from backchannel.cli.serve import serve
 
@@ -22,6 +23,7 @@ cli.add_command(serve)
 cli.add_command(apps)
 cli.add_command(devices)
 cli.add_command(send)
+cli.add_command(publish)
 cli.add_command(device)
 cli.add_command(expose)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
@@ -30,7 +31,7 @@ class SendResult:
     timeout: float | None
 
 
-def _segment(value: str) -> str:
+def segment(value: str) -> str:
     # Quoting keeps a stray "/" or "?" in an id from changing the route.
     return quote(value, safe=":@")
 
@@ -56,10 +57,7 @@ async def send_call(
     """
     import aiohttp  # here, not at the top, so the CLI starts quickly
 
-    url = (
-        f"{server.rstrip('/')}/v1/applications/{_segment(app_id)}"
-        f"/devices/{_segment(device_id)}/send"
-    )
+    path = f"/v1/applications/{segment(app_id)}/devices/{segment(device_id)}/send"
     params: dict[str, str] = {}
     if timeout is not None:
         params["timeout"] = f"{timeout:g}"
@@ -79,6 +77,25 @@ async def send_call(
     client_timeout = aiohttp.ClientTimeout(
         total=timeout + waited + CLIENT_GRACE if timeout is not None else None, sock_connect=10
     )
+    return await post_bytes(server, path, body, headers, params, client_timeout)
+
+
+async def post_bytes(
+    server: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    params: dict[str, str] | None = None,
+    client_timeout: Any = None,
+) -> SendResult:
+    """POST ``body`` to ``path`` on the server; return the status, body and echoed timeout.
+
+    Raises:
+        click.ClickException: the server cannot be reached.
+    """
+    import aiohttp
+
+    url = server.rstrip("/") + path
     try:
         async with (
             aiohttp.ClientSession(timeout=client_timeout) as session,
@@ -105,7 +122,7 @@ def _float_or_none(value: str | None) -> float | None:
         return None
 
 
-def _error_body(result: SendResult) -> dict[str, Any]:
+def error_body(result: SendResult) -> dict[str, Any]:
     """The server's JSON error, or a stand-in when something else (a proxy) answered."""
     try:
         data = orjson.loads(result.body)
@@ -127,6 +144,67 @@ def _reply_json(result: SendResult) -> dict[str, Any]:
     return out
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def app_credentials(fn: F) -> F:
+    """The ``--secret``, ``--admin-token`` and ``--server`` options of the app-side commands."""
+    for option in reversed(
+        (
+            click.option(
+                "--secret",
+                envvar="BACKCHANNEL_APP_SECRET",
+                metavar="S",
+                help="The app secret (or BACKCHANNEL_APP_SECRET).",
+            ),
+            click.option(
+                "--admin-token",
+                envvar="BACKCHANNEL_ADMIN_TOKEN",
+                metavar="TOKEN",
+                help="Use the admin token instead of an app secret.",
+            ),
+            click.option(
+                "--server",
+                envvar="BACKCHANNEL_SERVER",
+                default=DEFAULT_SERVER,
+                show_default=True,
+                metavar="URL",
+                help="The relay (or BACKCHANNEL_SERVER).",
+            ),
+        )
+    ):
+        fn = option(fn)
+    return fn
+
+
+def authorization_header(server: str, secret: str | None, admin_token: str | None) -> str:
+    """The Authorization value for the app API, after checking the server URL.
+
+    Raises:
+        click.BadParameter, click.UsageError: a bad URL, or no credential.
+    """
+    if not server.startswith(("http://", "https://")):
+        raise click.BadParameter("must start with http:// or https://", param_hint="--server")
+    if secret:
+        return f"OAuth {secret}"
+    if admin_token:
+        return f"Bearer {admin_token}"
+    raise click.UsageError(
+        "no credential: pass --secret (or set BACKCHANNEL_APP_SECRET), or --admin-token"
+    )
+
+
+def report_error(ctx: click.Context, result: SendResult, as_json: bool) -> None:
+    """Print the server's error (as JSON too when asked) and exit 1."""
+    error = error_body(result)
+    detail = error.get("detail") or error.get("msg") or f"HTTP {result.status}"
+    code = f"{result.status} {error['error']}" if error.get("error") else f"{result.status}"
+    if as_json:
+        print_json({"status": result.status, **error})
+    click.echo(f"Error: {detail} ({code})", err=True)
+    ctx.exit(1)
+
+
 @click.command()
 @click.argument("app_id", metavar="APP")
 @click.argument("device_id", metavar="DEVICE")
@@ -138,26 +216,7 @@ def _reply_json(result: SendResult) -> dict[str, Any]:
     help="Call timeout in seconds (else the app's, else the server's default).",
 )
 @click.option("--method", "-m", metavar="M", help="Method name the device's handler sees.")
-@click.option(
-    "--secret",
-    envvar="BACKCHANNEL_APP_SECRET",
-    metavar="S",
-    help="The app secret (or BACKCHANNEL_APP_SECRET).",
-)
-@click.option(
-    "--admin-token",
-    envvar="BACKCHANNEL_ADMIN_TOKEN",
-    metavar="TOKEN",
-    help="Use the admin token instead of an app secret.",
-)
-@click.option(
-    "--server",
-    envvar="BACKCHANNEL_SERVER",
-    default=DEFAULT_SERVER,
-    show_default=True,
-    metavar="URL",
-    help="The relay (or BACKCHANNEL_SERVER).",
-)
+@app_credentials
 @click.option(
     "--offline",
     type=click.Choice(["fail", "wait", "queue"]),
@@ -213,18 +272,9 @@ def send(
     Errors print the server's detail on stderr and exit 1 (for example: the device is
     offline, the call timed out, or the device answered with an error).
     """
-    if not server.startswith(("http://", "https://")):
-        raise click.BadParameter("must start with http:// or https://", param_hint="--server")
+    authorization = authorization_header(server, secret, admin_token)
     if from_stdin == (body is not None):
         raise click.UsageError("give the BODY argument or --stdin, one of the two")
-    if secret:
-        authorization = f"OAuth {secret}"
-    elif admin_token:
-        authorization = f"Bearer {admin_token}"
-    else:
-        raise click.UsageError(
-            "no credential: pass --secret (or set BACKCHANNEL_APP_SECRET), or --admin-token"
-        )
     payload = sys.stdin.buffer.read() if from_stdin else (body or "").encode()
     result = asyncio.run(
         send_call(
@@ -252,10 +302,4 @@ def send(
             # Bytes go to the binary stdout unchanged: replies need not be text.
             click.echo(result.body, nl=False)
         return
-    error = _error_body(result)
-    detail = error.get("detail") or error.get("msg") or f"HTTP {result.status}"
-    code = f"{result.status} {error['error']}" if error.get("error") else f"{result.status}"
-    if as_json:
-        print_json({"status": result.status, **error})
-    click.echo(f"Error: {detail} ({code})", err=True)
-    ctx.exit(1)
+    report_error(ctx, result, as_json)
