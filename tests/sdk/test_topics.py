@@ -217,8 +217,8 @@ async def test_subscribing_while_disconnected_only_records(s: Setup) -> None:
     assert await s.client.publish("later", b"x") == 0
     task = asyncio.get_running_loop().create_task(device.serve())
     try:
-        # (wait_connected alone would see the failure left by the previous serve())
-        await wait_for(lambda: device.connected)
+        # A new serve() after stop(): wait_connected must not raise the old run's failure.
+        await device.wait_connected(5)
         assert await s.client.publish("later", b"x") == 1
         await wait_for(lambda: got == [("later", b"x")])
     finally:

@@ -231,6 +231,10 @@ class Device:
         Raises:
             TimeoutError: no session within ``timeout`` seconds.
         """
+        if self._link is None and not self._serving:
+            # ``create_task(device.serve())`` then ``wait_connected()``: let that task start
+            # (it clears the failure a previous run left) before reading the failure.
+            await asyncio.sleep(0)
         async with asyncio.timeout(timeout):
             while self._link is None:
                 if self._failure is not None:
