@@ -6,7 +6,6 @@ docs/protocol.md § Topics (the device side) and docs/api.md § Topics (the publ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,21 +16,9 @@ from backchannel import AsyncClient, Client, Device
 from backchannel.core.topics import MAX_SUBSCRIPTIONS
 from backchannel.sdk import BadRequest, SubscriptionRefused
 from tests.conftest import RunningServer, wait_for
+from tests.sdk.test_device import serving
 
 Received = list[tuple[str, bytes]]
-
-
-@contextlib.asynccontextmanager
-async def serving(device: Device, timeout: float = 5.0) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``device.serve()`` in a task until the block ends."""
-    task = asyncio.get_running_loop().create_task(device.serve())
-    try:
-        await device.wait_connected(timeout)
-        yield task
-    finally:
-        await device.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
 
 
 class Setup:
