@@ -331,7 +331,7 @@ class NativeSession:
                     continue
                 self._control_frame(frame)
                 backlog = self._relay.event_backlog
-                if backlog is not None and backlog.congested:
+                if backlog is not None and backlog.congested and isinstance(frame, Event):
                     # Stop reading this device until the event log caught up: TCP pushes
                     # back on it, rather than its events being dropped.
                     await backlog.room()
