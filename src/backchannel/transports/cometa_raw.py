@@ -212,14 +212,16 @@ class CometaSession(asyncio.Protocol):
         if events:
             # Any frame proves the device alive, not only the 60-second heartbeat.
             stats.last_seen = time.time()
+        upstream = False
         for event in events:
             stats.rx_messages += 1
             if isinstance(event, Reply):
                 self._reply(event.body)
             elif isinstance(event, Upstream):
+                upstream = True
                 self._relay.device_event(self, "", event.data)
         backlog = self._relay.event_backlog
-        if backlog is not None and backlog.congested and not self._reading_paused:
+        if upstream and backlog is not None and backlog.congested and not self._reading_paused:
             # The event log is behind: stop reading this device until it caught up.
             self._reading_paused = True
             if self._io is not None:
