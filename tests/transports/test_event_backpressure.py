@@ -8,21 +8,25 @@ import time
 
 import aiohttp
 import orjson
+from prometheus_client import REGISTRY
 
 from backchannel.app import EVENTS
 from backchannel.core.events import EventSettings
+from tests.compat.cometa_device import CometaDevice
 from tests.conftest import RunningServer, ServerFactory
 from tests.rawdevice import connect
 
 
-async def stored(server: RunningServer, http: aiohttp.ClientSession, app_id: str) -> list[bytes]:
-    """Every stored event of the app, via the JSON page of the event API."""
+async def stored(
+    server: RunningServer, http: aiohttp.ClientSession, app_id: str, type_: str = "n"
+) -> list[bytes]:
+    """Every stored event of one type of the app, via the JSON page of the event API."""
     out: list[bytes] = []
     after = 0
     while True:
         async with http.get(
             f"{server.url}/v1/applications/{app_id}/events?format=json&after={after}&limit=1000"
-            "&type=n",
+            f"&type={type_}",
             headers={"Authorization": f"Bearer {server.admin_token}"},
         ) as r:
             assert r.status == 200, await r.text()
@@ -31,6 +35,11 @@ async def stored(server: RunningServer, http: aiohttp.ClientSession, app_id: str
             return out
         out += [e["data"].encode() for e in page["events"]]
         after = page["events"][-1]["id"]
+
+
+def congestions() -> float:
+    """How often the event log has paused devices, in this process."""
+    return REGISTRY.get_sample_value("backchannel_event_log_congested_total") or 0.0
 
 
 async def test_a_flood_is_slowed_not_dropped(
@@ -44,6 +53,7 @@ async def test_a_flood_is_slowed_not_dropped(
     key = await server.provision(app_id, "d1")
     dev = await connect(http, server.ws_url, app_id, "d1", key)
     total = 5000
+    before = congestions()
     frames = [dev.conn.event("n", b"%d" % i)[1] for i in range(total)]
     for frame in frames:
         await dev.ws.send_bytes(frame)
@@ -54,6 +64,7 @@ async def test_a_flood_is_slowed_not_dropped(
             break
         await asyncio.sleep(0.1)
     assert events == [b"%d" % i for i in range(total)]
+    assert congestions() > before  # the flood did fill the backlog: devices were paused
     await dev.ws.close()
 
 
@@ -71,3 +82,29 @@ async def test_ack_means_stored(make_server: ServerFactory, http: aiohttp.Client
         # The ack arrived: the event must already be readable from the store.
         assert (await stored(server, http, app_id))[-1] == b"%d" % i
     await dev.close()
+
+
+async def test_a_cometa_flood_is_slowed_not_dropped(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(store="sqlite", event_retention_count=100_000)
+    server.runner.app[EVENTS].settings = EventSettings(retention_count=100_000, max_pending=200)
+    app_id, _ = await server.create_app(allow_open_attach=True)
+    port = int(server.url.rsplit(":", 1)[1])
+    dev = await CometaDevice.attach(port, app_id, "AABBCC")
+    total = 3000
+    before = congestions()
+    # Big enough events that one read of the socket holds fewer than the pause threshold
+    # (the server checks the backlog after each read; Cometa has no frame-by-frame reader).
+    pad = b"." * 2000
+    for i in range(total):
+        await dev.event(b"%d" % i + pad)
+    deadline = time.monotonic() + 20
+    while True:
+        events = await stored(server, http, app_id, "message")
+        if len(events) >= total or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert events == [b"%d" % i + pad for i in range(total)]
+    assert congestions() > before
+    dev.close()
