@@ -29,6 +29,7 @@ import orjson
 
 from backchannel.core import metrics
 from backchannel.core.clock import Clock
+from backchannel.core.lifecycle import MESSAGE_TRANSITIONS, allowed
 from backchannel.core.outcomes import (
     CallFailed,
     DeviceBusy,
@@ -270,7 +271,7 @@ class Messages:
             return None
         now = self._clock.time()
         detail = "cancelled by the application"
-        if await self._store.update_message(
+        if await self._move(
             app_id, message_id, (QUEUED,), FAILED, now, error="cancelled", detail=detail
         ):
             self._count((app_id, message.device_id), -1)
@@ -324,13 +325,13 @@ class Messages:
 
     async def _deliver(self, message: Message) -> bool:
         """Send one queued message; False when the device cannot take more now."""
-        store, app_id, lane = self._store, message.app_id, (message.app_id, message.device_id)
+        app_id, lane = message.app_id, (message.app_id, message.device_id)
         now = self._clock.time()
         if message.expires_at is not None and message.expires_at <= now:
             await self._expire(message, now)
             return True
         # Recorded before the hand-over: after a crash it must never be sent a second time.
-        if not await store.update_message(app_id, message.id, (QUEUED,), SENT, now, attempt=True):
+        if not await self._move(app_id, message.id, (QUEUED,), SENT, now, attempt=True):
             return True  # expired or changed meanwhile
         self._count(lane, -1)
         try:
@@ -338,7 +339,7 @@ class Messages:
                 app_id, message.device_id, message.body, message.method, message.timeout
             )
         except NOT_SENT as exc:
-            await store.update_message(
+            await self._move(
                 app_id,
                 message.id,
                 (SENT,),
@@ -355,7 +356,7 @@ class Messages:
             await self._finish(message, exc)
             return True
         now = self._clock.time()
-        if await store.update_message(app_id, message.id, (SENT,), REPLIED, now, reply=reply):
+        if await self._move(app_id, message.id, (SENT,), REPLIED, now, reply=reply):
             self._announce(message, REPLIED, now, reply=reply, sent=True)
         return True
 
@@ -368,13 +369,13 @@ class Messages:
         # The device refused it, or may have got it: either way it is never sent again.
         state = FAILED if isinstance(exc, DeviceError | InvalidMessage) else DELIVERED
         now = self._clock.time()
-        if await self._store.update_message(
+        if await self._move(
             message.app_id, message.id, (SENT,), state, now, error=exc.code, detail=str(exc)
         ):
             self._announce(message, state, now, error=exc.code, detail=str(exc), sent=True)
 
     async def _expire(self, message: Message, now: float) -> None:
-        if await self._store.update_message(
+        if await self._move(
             message.app_id, message.id, (QUEUED,), EXPIRED, now, error="expired", detail=_EXPIRED
         ):
             self._count((message.app_id, message.device_id), -1)
@@ -420,6 +421,21 @@ class Messages:
         if self.notify is not None:
             view = {"message_id": message_id, "device_id": device_id, "state": state}
             self.notify(app_id, device_id, orjson.dumps({**view, "error": error, "detail": detail}))
+
+    async def _move(
+        self,
+        app_id: str,
+        message_id: str,
+        sources: tuple[str, ...],
+        target: str,
+        now: float,
+        **changes: Any,
+    ) -> bool:
+        """``Store.update_message``, for moves that ``core/lifecycle.py`` has in its table only."""
+        for source in sources:
+            if not allowed(MESSAGE_TRANSITIONS, source, target):
+                raise RuntimeError(f"a message cannot move from {source} to {target}")
+        return await self._store.update_message(app_id, message_id, sources, target, now, **changes)
 
     def _count(self, lane: tuple[str, str], delta: int) -> None:
         metrics.MESSAGES_QUEUED.inc(delta)
@@ -520,9 +536,7 @@ class Messages:
         except CallFailed as exc:
             await self._finish(record, exc)
         else:
-            await store.update_message(
-                app_id, record.id, (SENT,), REPLIED, self._clock.time(), reply=reply
-            )
+            await self._move(app_id, record.id, (SENT,), REPLIED, self._clock.time(), reply=reply)
         return (await store.get_message(app_id, record.id)) or record
 
 
