@@ -754,3 +754,16 @@ async def test_lane_rows_and_bulk_delivered(store: Store) -> None:
     assert await store.count_deliveries("a1") == {PENDING: 2, DELIVERED: 2, DEAD: 0}
     await store.mark_delivered_many([])
     assert await store.lane_rows("a2", "d2", 0, 10) == []
+
+
+async def test_create_messages_in_one_go(store: Store) -> None:
+    await store.create_message(msg("m0"))
+    made = await store.create_messages([msg("m1", device_id="d1"), msg("m2", device_id="d2")])
+    assert [m.id for m in made] == ["m1", "m2"]
+    assert made[0].seq < made[1].seq and all(m.seq > 0 for m in made)
+    assert await store.queued_devices() == {("a1", "d1"): 2, ("a1", "d2"): 1}
+    assert await store.create_messages([]) == []
+    with pytest.raises(ValueError):
+        await store.create_messages([msg("m3", key="k")])
+    with pytest.raises(AlreadyExists):
+        await store.create_messages([msg("m1")])

@@ -496,6 +496,18 @@ class TestQueueOffline:
         assert got == [b"fw-2.1"]
         assert message["expires_at"] - message["created_at"] == pytest.approx(60, abs=0.5)
 
+    async def test_a_full_queue_is_an_error_for_that_device(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        setup = await Setup(await make_server(max_queued_per_device=1), http).start()
+        body = {"devices": ["full", "empty"], "message": "m", "offline": "queue"}
+        first = await setup.fanout({**body, "devices": ["full"]})
+        assert first["queued"] == 1
+        data = await setup.fanout(body)
+        assert (data["queued"], data["failed"]) == (1, 1)
+        full = by_device(data)["full"]
+        assert (full["status"], full["error"]) == ("error", "queue_full")
+
     @pytest.mark.parametrize(
         ("extra", "error"),
         [

@@ -247,6 +247,53 @@ class Messages:
             self._kick(lane)
         return stored, True
 
+    async def enqueue_many(
+        self,
+        app_id: str,
+        device_ids: list[str],
+        body: bytes,
+        method: str,
+        timeout: float,
+        ttl: float | None,
+    ) -> dict[str, Message | QueueFull]:
+        """Queue one message for each device in one store write (a fan-out's offline ones).
+
+        Returns each device's message, or the QueueFull that kept it out.
+        """
+        now = self._clock.time()
+        expires = now + (self.settings.default_ttl if ttl is None else ttl)
+        results: dict[str, Message | QueueFull] = {}
+        fresh: list[Message] = []
+        for device_id in device_ids:
+            if self._queued.get((app_id, device_id), 0) >= self.settings.max_queued_per_device:
+                limit = self.settings.max_queued_per_device
+                results[device_id] = QueueFull(f"device {device_id} has {limit} queued messages")
+                continue
+            fresh.append(
+                Message(
+                    id=new_message_id(),
+                    app_id=app_id,
+                    device_id=device_id,
+                    mode="queue",
+                    method=method,
+                    body=body,
+                    body_hash=body_hash(device_id, method, body),
+                    idempotency_key=None,
+                    state=QUEUED,
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=expires,
+                    timeout=timeout,
+                )
+            )
+        for stored in await self._store.create_messages(fresh):
+            lane = (app_id, stored.device_id)
+            results[stored.device_id] = stored
+            self._count(lane, +1)
+            if self._relay.hub.get(*lane) is not None:
+                self._kick(lane)
+        return results
+
     async def get(self, app_id: str, message_id: str) -> Message | None:
         """A message of the app (a queued one past its TTL reads as expired)."""
         message = await self._store.get_message(app_id, message_id)

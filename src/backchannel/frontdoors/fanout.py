@@ -179,9 +179,7 @@ class FanoutApi:
         report = await self._fanout.run(app.app_id, device_ids, parsed.body, parsed.method, timeout)
         outcomes = report.outcomes
         if parsed.queue:
-            outcomes = [
-                await self._queue_if_offline(app.app_id, o, parsed, timeout) for o in outcomes
-            ]
+            outcomes = await self._queue_offline(app.app_id, outcomes, parsed, timeout)
         body = {
             "timeout": timeout,
             "total": len(outcomes),
@@ -194,19 +192,31 @@ class FanoutApi:
         }
         return json_response(body, headers={TIMEOUT_HEADER: f"{timeout:g}"})
 
-    async def _queue_if_offline(
-        self, app_id: str, outcome: DeviceOutcome, parsed: FanoutRequest, timeout: float
-    ) -> DeviceOutcome:
-        """An offline device's outcome becomes a queued message (or the reason it cannot)."""
-        if outcome.status is not Status.OFFLINE or self._messages is None:
-            return outcome
-        try:
-            message, _ = await self._messages.enqueue(
-                app_id, outcome.device_id, parsed.body, parsed.method, timeout, parsed.ttl, None
-            )
-        except QueueFull as exc:
-            return replace(outcome, status=Status.ERROR, error=exc.code, detail=str(exc))
-        return replace(outcome, status=Status.QUEUED, error=None, detail="", message_id=message.id)
+    async def _queue_offline(
+        self,
+        app_id: str,
+        outcomes: list[DeviceOutcome],
+        parsed: FanoutRequest,
+        timeout: float,
+    ) -> list[DeviceOutcome]:
+        """Offline devices' outcomes become queued messages (or the reason they cannot)."""
+        assert self._messages is not None
+        offline = [o.device_id for o in outcomes if o.status is Status.OFFLINE]
+        if not offline:
+            return outcomes
+        # One store write for all of them: a fleet-wide command can find thousands offline.
+        queued = await self._messages.enqueue_many(
+            app_id, offline, parsed.body, parsed.method, timeout, parsed.ttl
+        )
+        result: list[DeviceOutcome] = []
+        for o in outcomes:
+            done = queued.get(o.device_id) if o.status is Status.OFFLINE else None
+            if isinstance(done, QueueFull):
+                o = replace(o, status=Status.ERROR, error=done.code, detail=str(done))
+            elif done is not None:
+                o = replace(o, status=Status.QUEUED, error=None, detail="", message_id=done.id)
+            result.append(o)
+        return result
 
     async def _targets(self, app_id: str, parsed: FanoutRequest) -> list[str]:
         if isinstance(parsed.value, list):

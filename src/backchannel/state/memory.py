@@ -379,6 +379,14 @@ class MemoryStore:
             self._message_keys[(message.app_id, message.idempotency_key)] = message.id
         return stored, True
 
+    async def create_messages(self, messages: Sequence[Message]) -> list[Message]:
+        """Insert many messages without idempotency keys; give each a seq."""
+        if any(m.idempotency_key is not None for m in messages):
+            raise ValueError("create_messages takes no idempotency keys")
+        if any(m.id in self._messages for m in messages):
+            raise AlreadyExists("a message id exists")
+        return [(await self.create_message(m))[0] for m in messages]
+
     async def get_message(self, app_id: str, message_id: str) -> Message | None:
         """One message of the app, or None."""
         m = self._messages.get(message_id)

@@ -151,6 +151,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+_MESSAGE_ROWS = 500  # rows per multi-row INSERT of messages
+_INSERT_MESSAGES = (
+    "INSERT INTO messages (id, app_id, device_id, mode, method, body, body_hash, "
+    "idempotency_key, state, created_at, updated_at, expires_at, timeout, attempts, reply, "
+    "error, detail) VALUES "
+)
 _MESSAGE_COLUMNS = (
     "id, app_id, device_id, mode, method, body, body_hash, idempotency_key, state, "
     "created_at, updated_at, expires_at, timeout, attempts, reply, error, detail, seq"
@@ -960,6 +966,42 @@ class SqliteStore:
             return await self._run(run)
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"message {m.id!r} exists") from exc
+
+    async def create_messages(self, messages: Sequence[Message]) -> list[Message]:
+        """Insert many messages without idempotency keys in one transaction; give each a seq."""
+        if any(m.idempotency_key is not None for m in messages):
+            raise ValueError("create_messages takes no idempotency keys")
+        if not messages:
+            return []
+        rows = [
+            (
+                m.id, m.app_id, m.device_id, m.mode, m.method, m.body, m.body_hash, None,
+                m.state, m.created_at, m.updated_at, m.expires_at, m.timeout, m.attempts,
+                m.reply, m.error, m.detail,
+            )
+            for m in messages
+        ]  # fmt: skip
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            seqs: dict[str, int] = {}
+            with _transaction(conn):
+                # Multi-row INSERTs (see _insert_outbox), 17 parameters a row, far below
+                # SQLite's bound-parameter limit; RETURNING gives each row's seq.
+                for at in range(0, len(rows), _MESSAGE_ROWS):
+                    chunk = rows[at : at + _MESSAGE_ROWS]
+                    values = ", ".join(["(" + _placeholders(17) + ")"] * len(chunk))
+                    cur = conn.execute(
+                        _INSERT_MESSAGES + values + " RETURNING id, seq",
+                        [v for row in chunk for v in row],
+                    )
+                    seqs.update((str(i), int(q)) for i, q in cur.fetchall())
+            return seqs
+
+        try:
+            seqs = await self._run(run)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists("a message id exists") from exc
+        return [dataclasses.replace(m, seq=seqs[m.id]) for m in messages]
 
     async def get_message(self, app_id: str, message_id: str) -> Message | None:
         """One message of the app, or None."""

@@ -377,6 +377,10 @@ class Store(Protocol):
         """Insert a message; on a taken idempotency key return (holder, False) instead."""
         ...
 
+    async def create_messages(self, messages: Sequence[Message]) -> list[Message]:
+        """Insert many messages without idempotency keys in one transaction; give each a seq."""
+        ...
+
     async def get_message(self, app_id: str, message_id: str) -> Message | None:
         """One message of the app, or None."""
         ...
