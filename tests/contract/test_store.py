@@ -671,6 +671,10 @@ class TestMessages:
         assert [m.id for m in listed] == ["m1", "m2"]
         assert [m.id for m in await store.list_messages("a1", "d1", (), 1)] == ["m1"]
         assert await store.list_messages("a1", "d2", (), 10) == []
+        await store.create_message(msg("m3", device_id="d2"))
+        app_wide = await store.list_messages("a1", None, (QUEUED,), 10)
+        assert [m.id for m in app_wide] == ["m1", "m2", "m3"]
+        assert [m.id for m in await store.list_messages("a1", None, (), 10, b.seq)] == ["m3"]
 
     async def test_idempotency_key_returns_the_holder(self, store: Store) -> None:
         first, _ = await store.create_message(msg("m1", key="k"))

@@ -225,6 +225,26 @@ class TestQueue:
             assert r.status == 400
             assert orjson.loads(await r.read())["error"] == "invalid_state"
 
+    async def test_list_the_whole_application_page_by_page(self, setup: Setup) -> None:
+        ids = [(await setup.queue(b"x", device=f"dev{i % 3}"))["message_id"] for i in range(7)]
+        seen: list[str] = []
+        after = ""
+        while True:
+            async with setup.http.get(
+                setup.url(f"/messages?state=queued&limit=3{after}"), headers=setup.auth
+            ) as r:
+                assert r.status == 200
+                page = orjson.loads(await r.read())
+            assert "device_id" not in page
+            seen += [m["message_id"] for m in page["messages"]]
+            if page["next"] is None:
+                break
+            after = f"&after={page['next']}"
+        assert seen == ids
+        async with setup.http.get(setup.url("/messages?after=x"), headers=setup.auth) as r:
+            assert r.status == 400
+            assert orjson.loads(await r.read())["error"] == "invalid_after"
+
     async def test_queue_limit_per_device(self, make_server: ServerFactory) -> None:
         server = await make_server(max_queued_per_device=3)
         async with aiohttp.ClientSession() as http:

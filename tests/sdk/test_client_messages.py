@@ -27,6 +27,9 @@ async def test_queue_then_deliver(server: RunningServer) -> None:
         assert (queued.state, queued.device_id, queued.final) == ("queued", "d1", False)
         assert queued.expires_at is not None and queued.expires_at > queued.created_at
         assert [m.id for m in await client.messages("d1", states=["queued"])] == [queued.id]
+        other = await client.send("d2", b"2", offline="queue")
+        assert [m.id for m in await client.messages()] == [queued.id, other.id]
+        assert [m.id for m in await client.messages(limit=1)] == [queued.id]
         async with echo_device(server, app_id, "d1"):
             done = await client.wait_message(queued.id, timeout=5)
         assert (done.state, done.reply, done.final) == ("replied", b"\x00hello", True)

@@ -306,10 +306,15 @@ class Messages:
         return message
 
     async def list(
-        self, app_id: str, device_id: str, states: Collection[str], limit: int
+        self,
+        app_id: str,
+        device_id: str | None,
+        states: Collection[str],
+        limit: int,
+        after_seq: int = 0,
     ) -> list[Message]:
-        """The device's messages in the given states (all when empty), oldest first."""
-        return await self._store.list_messages(app_id, device_id, states, limit)
+        """Messages of a device (None: of the whole app) in ``states`` (all when empty)."""
+        return await self._store.list_messages(app_id, device_id, states, limit, after_seq)
 
     async def cancel(self, app_id: str, message_id: str) -> Message | None:
         """Take a queued message out of the queue; return it as it is now (None: unknown)."""

@@ -34,6 +34,7 @@ class MessageApi:
         app.router.add_get(base + "/messages/{message_id}", self.get)
         app.router.add_delete(base + "/messages/{message_id}", self.cancel)
         app.router.add_get(base + "/devices/{device_id}/messages", self.list)
+        app.router.add_get(base + "/messages", self.list)
 
     async def get(self, request: web.Request) -> web.Response:
         """One message: its state, and its reply once replied."""
@@ -61,7 +62,11 @@ class MessageApi:
         return json_response(message_view(message))
 
     async def list(self, request: web.Request) -> web.Response:
-        """A device's messages, oldest first; ``?state=`` (repeatable) and ``?limit=``."""
+        """Messages of a device, or of the whole app, oldest first, one page at a time.
+
+        ``?state=`` (repeatable), ``?limit=``, and ``?after=`` (the ``next`` of the previous
+        page).
+        """
         app = await self._api.authorize(request)
         states = request.query.getall("state", [])
         for state in states:
@@ -72,12 +77,21 @@ class MessageApi:
         raw = request.query.get("limit", "100")
         if not raw.isdigit() or not 0 < int(raw) <= _LIST_MAX:
             raise ApiError(400, "invalid_limit", f"limit must be 1 to {_LIST_MAX}, got {raw!r}")
-        device_id = request.match_info["device_id"]
-        messages = await self._messages.list(app.app_id, device_id, states, int(raw))
-        return json_response(
-            {
+        after = request.query.get("after", "0")
+        if not after.isdigit() or len(after) > 18:
+            raise ApiError(400, "invalid_after", f"after must be a page cursor, got {after!r}")
+        device_id = request.match_info.get("device_id")
+        limit = int(raw)
+        messages = await self._messages.list(app.app_id, device_id, states, limit, int(after))
+        body: dict[str, object] = {
+            "messages": [message_view(m) for m in messages],
+            # The cursor of the next page; null once this one is the last.
+            "next": str(messages[-1].seq) if len(messages) == limit else None,
+        }
+        if device_id is not None:
+            body = {
                 "device_id": device_id,
                 "queued": self._messages.queued(app.app_id, device_id),
-                "messages": [message_view(m) for m in messages],
+                **body,
             }
-        )
+        return json_response(body)

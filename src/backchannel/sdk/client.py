@@ -219,14 +219,29 @@ class AsyncClient:
             await asyncio.sleep(min(poll, max(0.0, deadline - loop.time())))
 
     async def messages(
-        self, device_id: str, states: Iterable[str] = (), limit: int = 100
+        self, device_id: str | None = None, states: Iterable[str] = (), limit: int | None = None
     ) -> list[Message]:
-        """A device's messages, oldest first, optionally only those in ``states``."""
-        params: list[tuple[str, str]] = [("state", s) for s in states]
-        params.append(("limit", str(limit)))
-        path = f"/devices/{quote(device_id, safe='')}/messages"
-        data = _loads_object(await self._request("GET", path, params=params), f"GET {path}")
-        return [Message.from_json(m) for m in data.get("messages", [])]
+        """Messages of a device (None: of every device of the app), oldest first.
+
+        ``states`` keeps only those states (``["queued"]``: what still waits); ``limit`` stops
+        after that many (None: all of them, read a page of 1,000 at a time).
+        """
+        base: list[tuple[str, str]] = [("state", s) for s in states]
+        path = (
+            "/messages" if device_id is None else f"/devices/{quote(device_id, safe='')}/messages"
+        )
+        out: list[Message] = []
+        after = "0"
+        while limit is None or len(out) < limit:
+            page = 1000 if limit is None else min(1000, limit - len(out))
+            params = [*base, ("limit", str(page)), ("after", after)]
+            data = _loads_object(await self._request("GET", path, params=params), f"GET {path}")
+            out += [Message.from_json(m) for m in data.get("messages", [])]
+            cursor = data.get("next")
+            if not isinstance(cursor, str):
+                break
+            after = cursor
+        return out
 
     async def cancel(self, message_id: str) -> Message:
         """Take a queued message out of the queue (raises Conflict once it left the queue)."""
@@ -520,9 +535,9 @@ class Client:
         return self._runner.run(self._client.wait_message(message_id, timeout, poll))
 
     def messages(
-        self, device_id: str, states: Iterable[str] = (), limit: int = 100
+        self, device_id: str | None = None, states: Iterable[str] = (), limit: int | None = None
     ) -> list[Message]:
-        """A device's messages (see :meth:`AsyncClient.messages`)."""
+        """Messages of a device or of the app (see :meth:`AsyncClient.messages`)."""
         return self._runner.run(self._client.messages(device_id, states, limit))
 
     def cancel(self, message_id: str) -> Message:

@@ -393,16 +393,22 @@ class MemoryStore:
         return m if m is not None and m.app_id == app_id else None
 
     async def list_messages(
-        self, app_id: str, device_id: str, states: Collection[str], limit: int
+        self,
+        app_id: str,
+        device_id: str | None,
+        states: Collection[str],
+        limit: int,
+        after_seq: int = 0,
     ) -> list[Message]:
-        """The device's messages in the given states (all when empty), oldest first."""
+        """Messages of a device (None: every device of the app), oldest first."""
         out: list[Message] = []
         for m in self._messages.values():
             if len(out) >= limit:
                 break
             if (
                 m.app_id == app_id
-                and m.device_id == device_id
+                and m.seq > after_seq
+                and (device_id is None or m.device_id == device_id)
                 and (not states or m.state in states)
             ):
                 out.append(m)

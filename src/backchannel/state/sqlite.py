@@ -149,6 +149,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_by_expiry ON messages (state, expires_at);
     CREATE INDEX messages_by_update ON messages (state, updated_at);
     """,
+    # Every message of an application in order (GET .../messages).
+    """
+    CREATE INDEX messages_by_app ON messages (app_id, seq);
+    """,
 )
 
 _MESSAGE_ROWS = 500  # rows per multi-row INSERT of messages
@@ -1016,14 +1020,22 @@ class SqliteStore:
         return await self._run(run)
 
     async def list_messages(
-        self, app_id: str, device_id: str, states: Collection[str], limit: int
+        self,
+        app_id: str,
+        device_id: str | None,
+        states: Collection[str],
+        limit: int,
+        after_seq: int = 0,
     ) -> list[Message]:
-        """The device's messages in the given states (all when empty), oldest first."""
+        """Messages of a device (None: every device of the app), oldest first."""
         wanted = tuple(states)
 
         def run(conn: sqlite3.Connection) -> list[Message]:
-            where = "app_id = ? AND device_id = ?"
-            params: tuple[Any, ...] = (app_id, device_id)
+            where = "app_id = ? AND seq > ?"
+            params: tuple[Any, ...] = (app_id, after_seq)
+            if device_id is not None:
+                where += " AND device_id = ?"
+                params += (device_id,)
             if wanted:
                 where += f" AND state IN ({_placeholders(len(wanted))})"
                 params += wanted

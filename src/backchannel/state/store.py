@@ -386,9 +386,15 @@ class Store(Protocol):
         ...
 
     async def list_messages(
-        self, app_id: str, device_id: str, states: Collection[str], limit: int
+        self,
+        app_id: str,
+        device_id: str | None,
+        states: Collection[str],
+        limit: int,
+        after_seq: int = 0,
     ) -> list[Message]:
-        """The device's messages in the given states (all when empty), oldest first."""
+        """Messages of a device (None: of every device of the app) in the given states (all
+        when empty) with a seq above ``after_seq``, oldest first."""
         ...
 
     async def update_message(
