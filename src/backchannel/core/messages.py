@@ -417,7 +417,8 @@ class Messages:
         if self._queued.get(lane) and self._relay.hub.get(*lane) is not None:
             self._kick(lane)
 
-    async def _finish(self, message: Message, exc: CallFailed) -> None:
+    async def _finish(self, message: Message, exc: CallFailed) -> Message:
+        """Record a call that went out and failed; return the message as it is now."""
         # The device refused it, or may have got it: either way it is never sent again.
         state = FAILED if isinstance(exc, DeviceError | InvalidMessage) else DELIVERED
         now = self._clock.time()
@@ -425,6 +426,9 @@ class Messages:
             message.app_id, message.id, (SENT,), state, now, error=exc.code, detail=str(exc)
         ):
             self._announce(message, state, now, error=exc.code, detail=str(exc), sent=True)
+        return dataclasses.replace(
+            message, state=state, updated_at=now, error=exc.code, detail=str(exc)
+        )
 
     async def _expire(self, message: Message, now: float) -> None:
         if await self._move(
@@ -576,20 +580,21 @@ class Messages:
         return final, True
 
     async def _run_call(self, record: Message, body: bytes) -> Message:
-        store, app_id = self._store, record.app_id
+        app_id = record.app_id
         try:
             reply = await self._relay.call(
                 app_id, record.device_id, body, record.method, record.timeout
             )
         except NOT_SENT:
             # Nothing happened on the device: forget the key so that a retry runs again.
-            await store.delete_message(app_id, record.id)
+            await self._store.delete_message(app_id, record.id)
             raise
         except CallFailed as exc:
-            await self._finish(record, exc)
-        else:
-            await self._move(app_id, record.id, (SENT,), REPLIED, self._clock.time(), reply=reply)
-        return (await store.get_message(app_id, record.id)) or record
+            return await self._finish(record, exc)
+        now = self._clock.time()
+        await self._move(app_id, record.id, (SENT,), REPLIED, now, reply=reply)
+        # Built here rather than read back: one store round trip less on every keyed call.
+        return dataclasses.replace(record, state=REPLIED, updated_at=now, reply=reply)
 
 
 def _check_same(stored: Message, mode: str, digest: str) -> None:
