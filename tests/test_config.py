@@ -63,6 +63,8 @@ def test_admin_token_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None
         ({"message_ttl": 10, "message_max_ttl": 5}, "message_ttl must not exceed message_max_ttl"),
         ({"message_ttl": 0}, "message_ttl"),
         ({"max_queued_per_device": 0}, "max_queued_per_device"),
+        ({"webhook_deny_networks": ["10.0.0.0/8", "intranet"]}, "'intranet'"),
+        ({"trusted_proxies": ["proxy.example"]}, "'proxy.example'"),
     ],
 )
 def test_invalid_values(overrides: dict[str, object], message: str) -> None:

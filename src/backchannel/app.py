@@ -172,6 +172,7 @@ def build_app(
         concurrency=config.webhook_concurrency,
         poll_interval=config.webhook_poll_interval,
         retention=config.webhook_retention_seconds,
+        denied=parse_networks(config.webhook_deny_networks),
     )
     planner = WebhookPlanner(store, apps, clock)
     planner.on_enqueued = webhooks.wake

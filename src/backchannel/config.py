@@ -15,7 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from backchannel.core.networks import parse_networks
+from backchannel.core.networks import WEBHOOK_DENY_DEFAULT, parse_networks
 
 MiB = 1024 * 1024
 
@@ -89,6 +89,10 @@ class Config(BaseSettings):
     webhook_poll_interval: float = Field(
         1.0, gt=0, description="How often the outbox is checked for due retries (s)"
     )
+    webhook_deny_networks: list[str] = Field(
+        default_factory=lambda: list(WEBHOOK_DENY_DEFAULT),
+        description="Networks webhooks may not reach (IPs or CIDRs; [] allows all)",
+    )
     webhook_retention_seconds: float = Field(
         86400.0, gt=0, description="How long delivered outbox rows are kept (s)"
     )
@@ -123,6 +127,7 @@ class Config(BaseSettings):
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
         parse_networks(self.trusted_proxies)  # raises ValueError naming a bad entry
+        parse_networks(self.webhook_deny_networks)
         if self.message_ttl > self.message_max_ttl:
             raise ValueError("message_ttl must not exceed message_max_ttl")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -244,6 +244,52 @@ class TestRetries:
         await dev.close()
 
 
+class TestDeniedNetworks:
+    """``webhook_deny_networks``: addresses the server refuses to POST to."""
+
+    async def dead_error(
+        self, server: RunningServer, http: aiohttp.ClientSession, webhook_url: str
+    ) -> str:
+        app_id, secret = await server.create_app(webhook_url=webhook_url)
+        dev = await device(server, http, app_id)
+        await dev.emit("e", b"x")
+        url = f"{server.url}/v1/applications/{app_id}/webhooks/dead"
+
+        async def dead() -> bool:
+            return bool((await get_json(http, url, secret))["dead"])
+
+        await wait_async(dead)
+        (row,) = (await get_json(http, url, secret))["dead"]
+        await dev.close()
+        return str(row["last_error"])
+
+    async def test_metadata_address_is_refused_by_default(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        server = await make_server(**FAST)
+        error = await self.dead_error(server, http, "http://169.254.169.254/latest/meta-data")
+        assert error == "address_denied"
+
+    async def test_a_name_resolving_to_a_denied_address_is_refused(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession, receiver: Receiver
+    ) -> None:
+        server = await make_server(**FAST, webhook_deny_networks=["127.0.0.0/8", "::1"])
+        by_name = receiver.url.replace("127.0.0.1", "localhost")
+        assert await self.dead_error(server, http, by_name) == "address_denied"
+        assert receiver.hits == []
+
+    async def test_an_empty_list_allows_everything(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession, receiver: Receiver
+    ) -> None:
+        server = await make_server(webhook_deny_networks=[])
+        app_id, _ = await server.create_app(webhook_url=receiver.url)
+        dev = await device(server, http, app_id)
+        await dev.emit("e", b"through")
+        await wait_for(lambda: bool(receiver.ok()))
+        assert receiver.ok()[0].body == b"through"
+        await dev.close()
+
+
 class TestKinds:
     """Presence and call-completion webhooks, per application."""
 

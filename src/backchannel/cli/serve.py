@@ -30,6 +30,12 @@ from backchannel.config import load_config
     multiple=True,
     help="A reverse proxy (IP or CIDR) whose X-Forwarded-For/-Proto to believe; repeatable.",
 )
+@click.option(
+    "--webhook-deny",
+    "webhook_deny_networks",
+    multiple=True,
+    help="A network (IP or CIDR) webhooks may not reach; repeatable; replaces the default list.",
+)
 @click.option("--message-ttl", type=float, help="Queued message lifetime without ?ttl= [86400].")
 @click.option("--message-max-ttl", type=float, help="Longest ?ttl= for queued messages [604800].")
 @click.option(
@@ -75,7 +81,8 @@ def serve(config_file: Path | None, **flags: object) -> None:
     from backchannel.app import run
 
     # A repeatable flag given no value is (), which must not hide the variable or the file.
-    flags["trusted_proxies"] = list(flags["trusted_proxies"]) or None  # type: ignore[call-overload]
+    for name in ("trusted_proxies", "webhook_deny_networks"):
+        flags[name] = list(flags[name]) or None  # type: ignore[call-overload]
     try:
         config = load_config(config_file, **flags)
     except (ValidationError, FileNotFoundError, ValueError) as exc:

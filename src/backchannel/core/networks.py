@@ -10,6 +10,18 @@ import ipaddress
 from collections.abc import Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Where webhooks may not go unless the operator says otherwise (``webhook_deny_networks``):
+#: "this network", link-local (the cloud metadata services at 169.254.169.254 and
+#: fd00:ec2::254 live there) and multicast.
+WEBHOOK_DENY_DEFAULT = (
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "ff00::/8",
+)
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -24,7 +36,7 @@ def parse_networks(values: Sequence[str]) -> list[Network]:
         try:
             networks.append(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError:
-            raise ValueError(f"trusted proxy {value!r} is not an IP address or network") from None
+            raise ValueError(f"{value!r} is not an IP address or network") from None
     return networks
 
 

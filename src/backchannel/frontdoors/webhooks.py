@@ -41,7 +41,7 @@ import hashlib
 import hmac
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -52,8 +52,10 @@ from prometheus_client import Counter
 from backchannel import __version__
 from backchannel.core.apps import AppService
 from backchannel.core.clock import Clock
+from backchannel.core.networks import Network
 from backchannel.core.webhooks import EVENT, backoff
 from backchannel.frontdoors.app_api import AppApi
+from backchannel.frontdoors.egress import DeniedAddress, GuardedResolver, denied_literal
 from backchannel.frontdoors.errors import ApiError, json_response
 from backchannel.state.store import PENDING, Delivery, Store
 
@@ -65,6 +67,8 @@ FAILED = Counter("backchannel_webhook_failed", "Webhook deliveries given up (dea
 
 # Visible ASCII but ``%`` passes through unchanged; everything else is percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+#: The error of an attempt refused by ``webhook_deny_networks`` (frontdoors/egress.py).
+DENIED = "address_denied"
 #: Rows of one device read ahead per store query while its lane delivers.
 _LANE_AHEAD = 32
 
@@ -98,6 +102,7 @@ class Webhooks:
         concurrency: int = 32,
         poll_interval: float = 1.0,
         retention: float = 86400.0,
+        denied: Sequence[Network] = (),
     ) -> None:
         self._store = store
         self._apps = apps
@@ -109,6 +114,7 @@ class Webhooks:
         self._concurrency = concurrency
         self._poll = poll_interval
         self._retention = retention
+        self._denied = tuple(denied)
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -128,7 +134,11 @@ class Webhooks:
 
     async def start(self) -> None:
         """Open the HTTP client and start delivering (rows left pending included)."""
+        connector = (
+            aiohttp.TCPConnector(resolver=GuardedResolver(self._denied)) if self._denied else None
+        )
         self._session = aiohttp.ClientSession(
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers={"User-Agent": f"backchannel-webhooks/{__version__}"},
         )
@@ -301,6 +311,8 @@ class Webhooks:
         session = self._session
         if session is None:
             return None, "stopped"
+        if denied_literal(url, self._denied):
+            return None, DENIED
         timestamp = str(int(self._clock.time()))
         headers = {
             "Content-Type": "application/octet-stream" if row.kind == EVENT else "application/json",
@@ -320,6 +332,8 @@ class Webhooks:
                     return resp.status, ""
                 return resp.status, f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(getattr(exc, "os_error", None), DeniedAddress):
+                return None, DENIED
             # The type only: some messages quote the URL, which may hold a credential.
             return None, type(exc).__name__ or "error"
 
