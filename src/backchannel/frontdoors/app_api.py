@@ -89,7 +89,7 @@ class AppApi:
         apps: AppService,
         default_timeout: float,
         max_timeout: float,
-        messages: Messages | None = None,
+        messages: Messages,
     ) -> None:
         self._relay = relay
         self._apps = apps
@@ -151,13 +151,9 @@ class AppApi:
             )
         key = idempotency_key(request)
         device_id = request.match_info["device_id"]
-        if offline == "queue" or key is not None:
-            if self._messages is None:
-                raise ApiError(501, "not_supported", "this server keeps no messages")
-            if not valid_device_id(device_id):
-                raise ApiError(400, "invalid_device_id", f"{device_id!r} is not a valid device id")
+        if (offline == "queue" or key is not None) and not valid_device_id(device_id):
+            raise ApiError(400, "invalid_device_id", f"{device_id!r} is not a valid device id")
         if offline == "queue":
-            assert self._messages is not None
             ttl = _seconds(request, "ttl", self._messages.settings.max_ttl)
             body = await request.read()
             return await self._enqueue(app, device_id, body, method, timeout, ttl, key)
@@ -186,7 +182,6 @@ class AppApi:
         ttl: float | None,
         key: str | None,
     ) -> web.Response:
-        assert self._messages is not None
         try:
             message, created = await self._messages.enqueue(
                 app.app_id, device_id, body, method, timeout, ttl, key
@@ -213,7 +208,6 @@ class AppApi:
         key: str,
         headers: dict[str, str],
     ) -> web.Response:
-        assert self._messages is not None
         try:
             message, ran = await self._messages.call_once(
                 app.app_id, device_id, body, method, timeout, key

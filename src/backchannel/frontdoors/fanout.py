@@ -151,7 +151,7 @@ def _count(outcomes: list[DeviceOutcome], status: Status) -> int:
 class FanoutApi:
     """The fan-out route, authorized like every app route."""
 
-    def __init__(self, fanout: Fanout, api: AppApi, messages: Messages | None = None) -> None:
+    def __init__(self, fanout: Fanout, api: AppApi, messages: Messages) -> None:
         self._fanout = fanout
         self._api = api
         self._messages = messages
@@ -170,12 +170,9 @@ class FanoutApi:
         except TooManyDevices as exc:
             raise ApiError(400, "too_many_devices", str(exc), limit=exc.limit) from None
         timeout = self._api.call_timeout(app, parsed.timeout)
-        if parsed.queue:
-            if self._messages is None:
-                raise ApiError(501, "not_supported", "this server keeps no messages")
-            if parsed.ttl is not None and parsed.ttl > self._messages.settings.max_ttl:
-                limit = self._messages.settings.max_ttl
-                raise ApiError(400, "invalid_ttl", f"ttl is at most {limit:g} s")
+        limit = self._messages.settings.max_ttl
+        if parsed.queue and parsed.ttl is not None and parsed.ttl > limit:
+            raise ApiError(400, "invalid_ttl", f"ttl is at most {limit:g} s")
         report = await self._fanout.run(app.app_id, device_ids, parsed.body, parsed.method, timeout)
         outcomes = report.outcomes
         if parsed.queue:
@@ -200,7 +197,6 @@ class FanoutApi:
         timeout: float,
     ) -> list[DeviceOutcome]:
         """Offline devices' outcomes become queued messages (or the reason they cannot)."""
-        assert self._messages is not None
         offline = [o.device_id for o in outcomes if o.status is Status.OFFLINE]
         if not offline:
             return outcomes
