@@ -42,6 +42,11 @@ class Config(BaseSettings):
     max_body_size: int = Field(16 * MiB, ge=1024, description="Largest request/message body")
     max_inflight_per_device: int = Field(10_000, ge=1, description="Calls in flight per device")
     fanout_max_devices: int = Field(10_000, ge=1, description="Devices one fan-out call may target")
+    broadcast_max_bytes: int = Field(
+        256 * MiB,
+        ge=1024,
+        description="Largest body x connected targets of one fan-out or topic publish",
+    )
     cometa_liveness: float = Field(120.0, gt=0, description="Silence before a Cometa device drops")
     cometa_stale_grace: float = Field(
         5.0, ge=0, description="How long a Cometa queue waits for a timed-out call's late reply"

@@ -523,3 +523,16 @@ class TestQueueOffline:
     ) -> None:
         status, data, _ = await setup.post({"devices": ["x"], "message": "m", **extra})
         assert (status, data["error"]) == (400, error)
+
+
+async def test_broadcast_limit_counts_connected_copies(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    # 3 connected devices x 1,000 bytes is over a 2,500-byte limit; offline ones cost nothing.
+    setup = await Setup(await make_server(broadcast_max_bytes=2500), http).start()
+    for name in ("a", "b", "c"):
+        (await setup.device(name)).serve()
+    big = {"message": "x" * 1000}
+    status, data, _ = await setup.post({"devices": ["a", "b", "c"], **big})
+    assert (status, data["error"], data["limit"]) == (413, "broadcast_too_large", 2500)
+    assert (await setup.fanout({"devices": ["a", "b", "gone", "away"], **big}))["replied"] == 2

@@ -286,3 +286,26 @@ async def test_presence_lists_the_subscriptions(
         assert asyncio.get_running_loop().time() < deadline, got
         await asyncio.sleep(0.02)
     await dev.close()
+
+
+async def test_publish_broadcast_limit(
+    make_server: ServerFactory, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(broadcast_max_bytes=2500)
+    app_id, secret = await server.create_app()
+    devices = []
+    for name in ("a", "b", "c"):
+        key = await server.provision(app_id, name)
+        dev = (await connect(http, server.ws_url, app_id, name, key)).serve()
+        await dev.ws.send_bytes(dev.conn.subscribe("t")[1])
+        devices.append(dev)
+    await wait_for(lambda: len(server.relay.topic_devices(app_id, "t")) == 3)
+    url = f"{server.url}/v1/applications/{app_id}/topics/t"
+    auth = {"Authorization": f"OAuth {secret}"}
+    async with http.post(url, data=b"x" * 1000, headers=auth) as r:
+        assert r.status == 413
+        assert (await r.json())["error"] == "broadcast_too_large"
+    async with http.post(url, data=b"x" * 800, headers=auth) as r:
+        assert (r.status, (await r.json())["devices"]) == (200, 3)
+    for dev in devices:
+        await dev.close()

@@ -44,6 +44,11 @@ from backchannel.config import load_config
     help="Keep finished messages and idempotency keys (s) [86400].",
 )
 @click.option("--max-queued-per-device", type=int, help="Queued messages per device [1000].")
+@click.option(
+    "--broadcast-max-bytes",
+    type=int,
+    help="Largest body x connected targets of a fan-out or publish [256 MiB].",
+)
 @click.option("--fanout-max-devices", type=int, help="Devices one fan-out may target [10000].")
 @click.option("--cometa-liveness", type=float, help="Silence before a Cometa device drops [120].")
 @click.option("--cometa-stale-grace", type=float, help="Wait for a late Cometa reply [5].")

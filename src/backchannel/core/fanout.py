@@ -124,6 +124,10 @@ class Fanout:
         """
         return self._relay.topic_devices(app_id, topic)
 
+    def connected(self, app_id: str, device_id: str) -> bool:
+        """Whether the device has a session on this node (its call would be sent now)."""
+        return self._relay.hub.get(app_id, device_id) is not None
+
     def check_size(self, count: int) -> None:
         """Refuse a fan-out larger than the limit.
 

@@ -148,6 +148,22 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     )
 
 
+def check_broadcast(size: int, copies: int, limit: int) -> None:
+    """Refuse a message whose copies for the connected targets would exceed ``limit`` bytes.
+
+    Raises:
+        ApiError: 413 ``broadcast_too_large``.
+    """
+    if size * copies > limit:
+        raise ApiError(
+            413,
+            "broadcast_too_large",
+            f"{size} bytes to {copies} connected devices is over the limit of {limit} bytes; "
+            "send less, to fewer devices, or queue it",
+            limit=limit,
+        )
+
+
 async def read_json(request: web.Request, limit: int = 64 * 1024) -> dict[str, Any]:
     """Read a JSON object body; an empty body is ``{}``.
 

@@ -18,7 +18,13 @@ from backchannel.core.fanout import DeviceOutcome, Fanout, Status, TooManyDevice
 from backchannel.core.messages import Messages, QueueFull
 from backchannel.core.timeouts import parse_timeout
 from backchannel.frontdoors.app_api import TIMEOUT_HEADER, AppApi
-from backchannel.frontdoors.errors import MAX_BODY, ApiError, json_response, read_json
+from backchannel.frontdoors.errors import (
+    MAX_BODY,
+    ApiError,
+    check_broadcast,
+    json_response,
+    read_json,
+)
 
 _TARGETS = ("devices", "tag", "topic")
 _MESSAGES = ("message", "message_base64")
@@ -151,10 +157,13 @@ def _count(outcomes: list[DeviceOutcome], status: Status) -> int:
 class FanoutApi:
     """The fan-out route, authorized like every app route."""
 
-    def __init__(self, fanout: Fanout, api: AppApi, messages: Messages) -> None:
+    def __init__(
+        self, fanout: Fanout, api: AppApi, messages: Messages, max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self._fanout = fanout
         self._api = api
         self._messages = messages
+        self._max_bytes = max_bytes
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the route."""
@@ -169,6 +178,9 @@ class FanoutApi:
             self._fanout.check_size(len(device_ids))
         except TooManyDevices as exc:
             raise ApiError(400, "too_many_devices", str(exc), limit=exc.limit) from None
+        # Each connected target gets its own copy of the frame, in memory until it is sent.
+        connected = sum(1 for d in device_ids if self._fanout.connected(app.app_id, d))
+        check_broadcast(len(parsed.body), connected, self._max_bytes)
         timeout = self._api.call_timeout(app, parsed.timeout)
         limit = self._messages.settings.max_ttl
         if parsed.queue and parsed.ttl is not None and parsed.ttl > limit:

@@ -11,15 +11,16 @@ from aiohttp import web
 from backchannel.core.relay import Relay
 from backchannel.core.topics import validate_topic
 from backchannel.frontdoors.app_api import AppApi
-from backchannel.frontdoors.errors import ApiError, json_response
+from backchannel.frontdoors.errors import ApiError, check_broadcast, json_response
 
 
 class TopicsApi:
     """The publish route."""
 
-    def __init__(self, relay: Relay, api: AppApi) -> None:
+    def __init__(self, relay: Relay, api: AppApi, max_bytes: int = 256 * 1024 * 1024) -> None:
         self._relay = relay
         self._api = api
+        self._max_bytes = max_bytes
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the route."""
@@ -36,5 +37,9 @@ class TopicsApi:
         except ValueError as exc:
             raise ApiError(400, "invalid_topic", str(exc)) from None
         body = await request.read()
+        # Every subscriber gets its own copy of the frame, in memory until it is sent.
+        check_broadcast(
+            len(body), len(self._relay.topic_devices(app.app_id, topic)), self._max_bytes
+        )
         delivered = self._relay.publish(app.app_id, topic, body)
         return json_response({"topic": topic, "devices": delivered})
