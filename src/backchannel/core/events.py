@@ -400,7 +400,11 @@ class EventLog:
                 if self._acks:
                     self._acknowledge(written_up_to, bool(stored))
                 if stored:
-                    self._publish(stored)
+                    try:
+                        self._publish(stored)
+                    except Exception:
+                        # A bug here must not stop the writer: devices would stay paused.
+                        log.exception("event log: feeding the subscribers failed")
                 if self._pending:
                     # A store that never yields (memory) would otherwise feed every batch to
                     # the subscribers before any of them could write one out.
