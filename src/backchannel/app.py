@@ -151,6 +151,7 @@ def build_app(
             max_ttl=config.message_max_ttl,
             retention=config.message_retention_seconds,
             max_queued_per_device=config.max_queued_per_device,
+            max_body=config.message_max_body_size,
         ),
     )
     api = AppApi(relay, apps, config.default_timeout, config.max_timeout, messages)

@@ -112,6 +112,9 @@ class Config(BaseSettings):
         gt=0,
         description="How long finished messages and idempotency keys are kept (s)",
     )
+    message_max_body_size: int = Field(
+        MiB, ge=1, description="Largest body of a queued message (they wait on disk)"
+    )
     max_queued_per_device: int = Field(
         1000, ge=1, description="Queued messages a device may have waiting"
     )

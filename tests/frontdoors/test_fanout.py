@@ -496,6 +496,15 @@ class TestQueueOffline:
         assert got == [b"fw-2.1"]
         assert message["expires_at"] - message["created_at"] == pytest.approx(60, abs=0.5)
 
+    async def test_queued_body_limit(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        setup = await Setup(await make_server(message_max_body_size=10), http).start()
+        body = {"devices": ["gone"], "message": "x" * 11}
+        status, data, _ = await setup.post({**body, "offline": "queue"})
+        assert (status, data["error"], data["limit"]) == (413, "body_too_large", 10)
+        assert (await setup.fanout(body))["offline"] == 1  # without queueing: no such limit
+
     async def test_a_full_queue_is_an_error_for_that_device(
         self, make_server: ServerFactory, http: aiohttp.ClientSession
     ) -> None:

@@ -245,6 +245,18 @@ class TestQueue:
             assert r.status == 400
             assert orjson.loads(await r.read())["error"] == "invalid_after"
 
+    async def test_queued_body_limit(
+        self, make_server: ServerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        server = await make_server(message_max_body_size=1000)
+        setup = await Setup(server, http).create()
+        status, raw, _ = await setup.send(b"x" * 1001, "?offline=queue")
+        body = orjson.loads(raw)
+        assert (status, body["error"], body["limit"]) == (413, "body_too_large", 1000)
+        await setup.queue(b"x" * 1000)
+        # A plain call is not queued: the server's max_body_size applies, not this limit.
+        assert (await setup.send(b"x" * 5000))[0] == 418
+
     async def test_queue_limit_per_device(self, make_server: ServerFactory) -> None:
         server = await make_server(max_queued_per_device=3)
         async with aiohttp.ClientSession() as http:

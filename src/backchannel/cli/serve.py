@@ -43,6 +43,7 @@ from backchannel.config import load_config
     type=float,
     help="Keep finished messages and idempotency keys (s) [86400].",
 )
+@click.option("--message-max-body-size", type=int, help="Largest queued message body [1 MiB].")
 @click.option("--max-queued-per-device", type=int, help="Queued messages per device [1000].")
 @click.option(
     "--broadcast-max-bytes",

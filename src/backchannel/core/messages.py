@@ -77,6 +77,8 @@ class MessageSettings:
     #: How long a final message, its reply and its idempotency key are kept.
     retention: float = 86_400.0
     max_queued_per_device: int = 1_000
+    #: Largest body of a queued message: queued bodies sit on disk until delivered.
+    max_body: int = 1024 * 1024
     sweep_interval: float = 1.0
 
 
@@ -84,6 +86,16 @@ class QueueFull(Exception):
     """The device already has the most queued messages allowed."""
 
     code = "queue_full"
+
+
+class MessageTooLarge(Exception):
+    """A queued message's body is over ``MessageSettings.max_body``."""
+
+    code = "body_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a queued message's body is at most {limit} bytes, got {size}")
+        self.limit = limit
 
 
 class KeyReused(Exception):
@@ -208,7 +220,9 @@ class Messages:
         Raises:
             QueueFull: the device has ``max_queued_per_device`` queued messages.
             KeyReused: ``key`` was used for a different request.
+            MessageTooLarge: the body is over ``max_body``.
         """
+        self.check_body(len(body))
         lane = (app_id, device_id)
         digest = body_hash(device_id, method, body)
         if self._queued.get(lane, 0) >= self.settings.max_queued_per_device:
@@ -259,7 +273,11 @@ class Messages:
         """Queue one message for each device in one store write (a fan-out's offline ones).
 
         Returns each device's message, or the QueueFull that kept it out.
+
+        Raises:
+            MessageTooLarge: the body is too large to queue.
         """
+        self.check_body(len(body))
         now = self._clock.time()
         expires = now + (self.settings.default_ttl if ttl is None else ttl)
         results: dict[str, Message | QueueFull] = {}
@@ -329,6 +347,15 @@ class Messages:
             self._count((app_id, message.device_id), -1)
             self._announce(message, FAILED, now, error="cancelled", detail=detail)
         return await self._store.get_message(app_id, message_id)
+
+    def check_body(self, size: int) -> None:
+        """Refuse a body too large to queue.
+
+        Raises:
+            MessageTooLarge: ``size`` is over ``max_body``.
+        """
+        if size > self.settings.max_body:
+            raise MessageTooLarge(size, self.settings.max_body)
 
     def queued(self, app_id: str, device_id: str) -> int:
         """How many messages wait for the device."""

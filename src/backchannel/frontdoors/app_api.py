@@ -12,7 +12,14 @@ from aiohttp import web
 
 from backchannel.core.apps import AppService
 from backchannel.core.credentials import valid_device_id
-from backchannel.core.messages import KeyInProgress, KeyReused, Messages, QueueFull, message_view
+from backchannel.core.messages import (
+    KeyInProgress,
+    KeyReused,
+    Messages,
+    MessageTooLarge,
+    QueueFull,
+    message_view,
+)
 from backchannel.core.outcomes import CallFailed, call_failure
 from backchannel.core.relay import Relay
 from backchannel.core.timeouts import parse_timeout, resolve_timeout
@@ -190,6 +197,8 @@ class AppApi:
             raise ApiError(429, exc.code, str(exc)) from None
         except KeyReused as exc:
             raise ApiError(422, exc.code, str(exc)) from None
+        except MessageTooLarge as exc:
+            raise ApiError(413, exc.code, str(exc), limit=exc.limit) from None
         headers = {
             "Location": f"/v1/applications/{app.app_id}/messages/{message.id}",
             MESSAGE_HEADER: message.id,

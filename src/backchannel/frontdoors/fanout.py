@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from backchannel.core.fanout import DeviceOutcome, Fanout, Status, TooManyDevices
-from backchannel.core.messages import Messages, QueueFull
+from backchannel.core.messages import Messages, MessageTooLarge, QueueFull
 from backchannel.core.timeouts import parse_timeout
 from backchannel.frontdoors.app_api import TIMEOUT_HEADER, AppApi
 from backchannel.frontdoors.errors import (
@@ -185,6 +185,11 @@ class FanoutApi:
         limit = self._messages.settings.max_ttl
         if parsed.queue and parsed.ttl is not None and parsed.ttl > limit:
             raise ApiError(400, "invalid_ttl", f"ttl is at most {limit:g} s")
+        if parsed.queue:
+            try:
+                self._messages.check_body(len(parsed.body))
+            except MessageTooLarge as exc:
+                raise ApiError(413, exc.code, str(exc), limit=exc.limit) from None
         report = await self._fanout.run(app.app_id, device_ids, parsed.body, parsed.method, timeout)
         outcomes = report.outcomes
         if parsed.queue:
