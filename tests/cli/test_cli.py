@@ -549,7 +549,7 @@ class TestSend:
         assert "not connected" in result.stderr and "418" in result.stderr
 
     async def test_queue_and_idempotency_key(self, sender: SendSetup) -> None:
-        sender.app_id, sender.secret = await sender.server.create_app()
+        sender.app_id, sender.secret = await sender.server.create_app(allow_open_attach=True)
         args = (sender.app_id, "later", "x", "--offline", "queue", "--ttl", "60")
         first = await sender.send(*args, "--idempotency-key", "k1")
         assert first.exit_code == 0, first.output

@@ -470,10 +470,18 @@ class TestQueueOffline:
 
     async def test_offline_devices_get_a_queued_message(self, setup: Setup) -> None:
         (await setup.device("on")).serve()
+        await setup.server.provision(setup.app_id, "later")
         data = await setup.fanout(
-            {"devices": ["on", "later"], "message": "fw-2.1", "offline": "queue", "ttl": 60}
+            {
+                "devices": ["on", "later", "never"],
+                "message": "fw-2.1",
+                "offline": "queue",
+                "ttl": 60,
+            }
         )
-        assert (data["replied"], data["queued"], data["offline"]) == (1, 1, 0)
+        assert (data["replied"], data["queued"], data["offline"], data["failed"]) == (1, 1, 0, 1)
+        # A device with no key in an app that needs one could never take it: not queued.
+        assert by_device(data)["never"]["error"] == "unknown_device"
         queued = by_device(data)["later"]
         assert queued["status"] == "queued" and queued["message_id"].startswith("msg_")
         assert "error" not in queued
@@ -509,6 +517,8 @@ class TestQueueOffline:
         self, make_server: ServerFactory, http: aiohttp.ClientSession
     ) -> None:
         setup = await Setup(await make_server(max_queued_per_device=1), http).start()
+        for name in ("full", "empty"):
+            await setup.server.provision(setup.app_id, name)
         body = {"devices": ["full", "empty"], "message": "m", "offline": "queue"}
         first = await setup.fanout({**body, "devices": ["full"]})
         assert first["queued"] == 1

@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from backchannel.core.credentials import valid_device_id
 from backchannel.wire.native.frames import Call
 from tests.conftest import RunningServer, ServerFactory, wait_for
 from tests.rawdevice import RawDevice, connect
@@ -55,6 +56,9 @@ class Setup:
         headers = dict(self.auth)
         if key is not None:
             headers["Idempotency-Key"] = key
+        if "offline=queue" in query and device not in self.keys and valid_device_id(device):
+            # Queued messages are only taken for devices that can connect.
+            self.keys[device] = await self.server.provision(self.app_id, device)
         async with self.http.post(
             self.url(f"/devices/{device}/send{query}"), data=body, headers=headers
         ) as r:
@@ -288,6 +292,23 @@ class TestQueue:
         body = orjson.loads(raw)
         assert body["error"] == error
         assert body["detail"]
+
+    async def test_a_device_that_can_never_connect_is_refused(
+        self, server: RunningServer, http: aiohttp.ClientSession
+    ) -> None:
+        setup = await Setup(server, http).create()
+        async with http.post(
+            setup.url("/devices/ghost/send?offline=queue"), data=b"x", headers=setup.auth
+        ) as r:
+            assert r.status == 404
+            assert (await r.json())["error"] == "unknown_device"
+        # An app that lets devices in without a key takes messages for any id.
+        open_app = Setup(server, http)
+        open_app.app_id, open_app.secret = await server.create_app(allow_open_attach=True)
+        async with http.post(
+            open_app.url("/devices/ghost/send?offline=queue"), data=b"x", headers=open_app.auth
+        ) as r:
+            assert r.status == 202
 
     async def test_bad_device_id_is_refused(self, setup: Setup) -> None:
         status, raw, _ = await setup.send(b"x", "?offline=queue", device="bad%20id")

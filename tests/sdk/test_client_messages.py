@@ -20,7 +20,7 @@ from tests.sdk.test_client import echo_device
 
 
 async def test_queue_then_deliver(server: RunningServer) -> None:
-    app_id, secret = await server.create_app()
+    app_id, secret = await server.create_app(allow_open_attach=True)
     async with AsyncClient(server.url, app_id, secret) as client:
         queued = await client.send("d1", b"\x00hello", offline="queue", ttl=60)
         assert isinstance(queued, Message)
@@ -39,7 +39,7 @@ async def test_queue_then_deliver(server: RunningServer) -> None:
 
 
 async def test_cancel_and_conflict(server: RunningServer) -> None:
-    app_id, secret = await server.create_app()
+    app_id, secret = await server.create_app(allow_open_attach=True)
     async with AsyncClient(server.url, app_id, secret) as client:
         queued = await client.send("d1", "x", offline="queue")
         cancelled = await client.cancel(queued.id)
@@ -85,7 +85,7 @@ async def test_idempotency_key(server: RunningServer) -> None:
 
 async def test_queue_full(make_server: ServerFactory) -> None:
     server = await make_server(max_queued_per_device=1)
-    app_id, secret = await server.create_app()
+    app_id, secret = await server.create_app(allow_open_attach=True)
     async with AsyncClient(server.url, app_id, secret) as client:
         await client.send("d1", "1", offline="queue")
         with pytest.raises(QueueFull) as info:
@@ -94,7 +94,7 @@ async def test_queue_full(make_server: ServerFactory) -> None:
 
 
 async def test_sync_client(server: RunningServer) -> None:
-    app_id, secret = await server.create_app()
+    app_id, secret = await server.create_app(allow_open_attach=True)
 
     def queue_one() -> Message:
         with Client(server.url, app_id, secret) as client:

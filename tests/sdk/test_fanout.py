@@ -139,6 +139,7 @@ async def test_sync_client(server: RunningServer) -> None:
 async def test_queue_for_offline_devices(server: RunningServer) -> None:
     app_id, secret = await server.create_app()
     async with AsyncClient(server.url, app_id, secret) as client:
+        await server.provision(app_id, "d2")  # a key: it can connect, so it can be queued for
         async with device(server, app_id, "d1"):
             result = await client.fanout("go", devices=["d1", "d2"], offline="queue", ttl=30)
         assert (result.replied, result.queued, result.offline) == (1, 1, 0)

@@ -277,6 +277,12 @@ class AppService:
         await self.require(app_id)
         return await self._store.delete_device_credential(app_id, device_id)
 
+    async def can_connect(self, app: AppRecord, device_id: str) -> bool:
+        """Whether the device could ever connect: it has a key, or the app lets it in without."""
+        if app.allow_open_attach or device_id in app.allowed_devices:
+            return True
+        return await self._store.get_device_credential(app.app_id, device_id) is not None
+
     async def authenticate_device(self, app_id: str, device_id: str, key: str | None) -> DeviceAuth:
         """Decide whether a device may connect, with or without a key."""
         app = await self.get(app_id)

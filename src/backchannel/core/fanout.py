@@ -124,6 +124,16 @@ class Fanout:
         """
         return self._relay.topic_devices(app_id, topic)
 
+    async def can_connect(self, app_id: str, device_ids: list[str]) -> set[str]:
+        """Those of ``device_ids`` that could ever connect (a key, or the app's open door)."""
+        app = await self._apps.get(app_id)
+        if app is None:
+            return set()
+        if app.allow_open_attach:
+            return set(device_ids)
+        keyed = {c.device_id for c in await self._apps.credentials(app_id)}
+        return {d for d in device_ids if d in keyed or d in app.allowed_devices}
+
     def connected(self, app_id: str, device_id: str) -> bool:
         """Whether the device has a session on this node (its call would be sent now)."""
         return self._relay.hub.get(app_id, device_id) is not None

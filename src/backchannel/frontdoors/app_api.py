@@ -162,6 +162,14 @@ class AppApi:
             raise ApiError(400, "invalid_device_id", f"{device_id!r} is not a valid device id")
         if offline == "queue":
             ttl = _seconds(request, "ttl", self._messages.settings.max_ttl)
+            if not await self._apps.can_connect(app, device_id):
+                # It would wait for nothing, and fill the disk for whoever sends it.
+                raise ApiError(
+                    404,
+                    "unknown_device",
+                    f"device {device_id} is not provisioned, and the application does not let "
+                    "devices connect without a key: a queued message could never be delivered",
+                )
             body = await request.read()
             return await self._enqueue(app, device_id, body, method, timeout, ttl, key)
         if offline == "wait":

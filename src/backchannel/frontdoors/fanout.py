@@ -150,6 +150,9 @@ def outcome_json(outcome: DeviceOutcome) -> dict[str, Any]:
     return item
 
 
+_NEVER = "not provisioned, and the application lets no device connect without a key: not queued"
+
+
 def _count(outcomes: list[DeviceOutcome], status: Status) -> int:
     return sum(1 for o in outcomes if o.status is status)
 
@@ -217,6 +220,9 @@ class FanoutApi:
         offline = [o.device_id for o in outcomes if o.status is Status.OFFLINE]
         if not offline:
             return outcomes
+        # Only devices that can ever connect get a message; one query covers them all.
+        reachable = await self._fanout.can_connect(app_id, offline)
+        offline = [d for d in offline if d in reachable]
         # One store write for all of them: a fleet-wide command can find thousands offline.
         queued = await self._messages.enqueue_many(
             app_id, offline, parsed.body, parsed.method, timeout, parsed.ttl
@@ -224,7 +230,9 @@ class FanoutApi:
         result: list[DeviceOutcome] = []
         for o in outcomes:
             done = queued.get(o.device_id) if o.status is Status.OFFLINE else None
-            if isinstance(done, QueueFull):
+            if o.status is Status.OFFLINE and o.device_id not in reachable:
+                o = replace(o, status=Status.ERROR, error="unknown_device", detail=_NEVER)
+            elif isinstance(done, QueueFull):
                 o = replace(o, status=Status.ERROR, error=done.code, detail=str(done))
             elif done is not None:
                 o = replace(o, status=Status.QUEUED, error=None, detail="", message_id=done.id)
