@@ -115,6 +115,7 @@ class Webhooks:
         self._poll = poll_interval
         self._retention = retention
         self._denied = tuple(denied)
+        self._url_denied: dict[str, bool] = {}
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -311,7 +312,13 @@ class Webhooks:
         session = self._session
         if session is None:
             return None, "stopped"
-        if denied_literal(url, self._denied):
+        denied = self._url_denied.get(url)
+        if denied is None:
+            # Per URL, not per attempt: an app's URL rarely changes, and deliveries are many.
+            if len(self._url_denied) > 4096:
+                self._url_denied.clear()
+            denied = self._url_denied[url] = denied_literal(url, self._denied)
+        if denied:
             return None, DENIED
         timestamp = str(int(self._clock.time()))
         headers = {
