@@ -455,7 +455,7 @@ class Device:
         ack: bool = False,
         timeout: float = EVENT_ACK_TIMEOUT,
     ) -> None:
-        """Send an event upstream; with ``ack``, wait until the server accepted it.
+        """Send an event upstream; with ``ack``, wait until the server has stored it.
 
         Raises:
             NotConnected: there is no session, or it ended before the ack.

@@ -279,7 +279,7 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class EventAck:
-    """Server to device: event ``event_id`` was accepted."""
+    """Server to device: event ``event_id`` is stored (docs/protocol.md, "Events")."""
 
     type: ClassVar[FrameType] = FrameType.EVENT_ACK
     event_id: int
