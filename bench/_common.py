@@ -743,15 +743,18 @@ async def loadgen(
     duration: float,
     body_size: int,
     pids: list[int],
+    expect: bytes | None = None,
 ) -> dict[str, Any]:
     """C workers on a keep-alive connector of C connections, each looping POST of the body.
 
-    Worker i uses ``urls[i % len(urls)]``. Counts replies equal to the body in the window
+    Worker i uses ``urls[i % len(urls)]``. Counts 200 answers equal to the body in the window
     ``[warmup, warmup + duration)``, latencies of calls started and finished in it, and the
-    CPU time of ``pids``, of this process and of the whole machine over it.
+    CPU time of ``pids``, of this process and of the whole machine over it. With ``expect``,
+    each worker loops ``GET`` instead and counts answers equal to ``expect``.
     """
     body = (b"0123456789abcdef" * (body_size // 16 + 1))[:body_size]
-    headers = {"Authorization": auth, "Content-Type": "application/octet-stream"}
+    method, wanted = ("GET", expect) if expect is not None else ("POST", body)
+    headers = {"Authorization": auth, "Content-Type": "application/octet-stream"} if auth else {}
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     completed = 0
@@ -771,7 +774,7 @@ async def loadgen(
                     return
                 status: int | str
                 try:
-                    async with http.post(url, data=body) as resp:
+                    async with http.request(method, url, data=body or None) as resp:
                         data = await resp.read()
                         status = resp.status
                 except (aiohttp.ClientError, OSError) as exc:
@@ -779,7 +782,7 @@ async def loadgen(
                     await asyncio.sleep(0.001)
                 t1 = perf()
                 if start <= t1 <= end:
-                    if status == 200 and data == body:
+                    if status == 200 and data == wanted:
                         completed += 1
                         if t0 >= start:
                             latencies.append(t1 - t0)

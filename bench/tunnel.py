@@ -22,7 +22,6 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -127,58 +126,19 @@ async def _agent_role(server: str, creds_path: Path, target: str) -> None:
 # -- child role: small-request load generator ------------------------------------------------
 
 
-async def small_loadgen(
-    urls: list[str], concurrency: int, warmup: float, duration: float, pids: list[int]
-) -> dict[str, Any]:
-    """C workers on a keep-alive connector of C connections, each looping ``GET url``.
-
-    The result has the shape of :func:`_common.loadgen`'s, so :func:`_common.measurement_row`
-    applies: requests answered 200 with the 64-byte body in the window, latencies of those
-    started and finished in it, CPU of ``pids``, of this process and of the machine.
-    """
-    latencies: list[float] = []
-    failures: Counter[str] = Counter()
-    completed = 0
-    perf = time.perf_counter
-    start = perf() + warmup
-    end = start + duration
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def worker(i: int) -> None:
-            nonlocal completed
-            url = urls[i % len(urls)]
-            while True:
-                t0 = perf()
-                if t0 >= end:
-                    return
-                status: int | str
-                try:
-                    async with http.get(url) as resp:
-                        data = await resp.read()
-                        status = resp.status
-                except (aiohttp.ClientError, OSError) as exc:
-                    status, data = type(exc).__name__, b""
-                    await asyncio.sleep(0.001)
-                t1 = perf()
-                if start <= t1 <= end:
-                    if status == 200 and data == SMALL_BODY:
-                        completed += 1
-                        if t0 >= start:
-                            latencies.append(t1 - t0)
-                    else:
-                        failures[str(status)] += 1
-
-        workers = (worker(i) for i in range(concurrency))
-        sampled, *_ = await asyncio.gather(c.sample_cpu(pids, start, end), *workers)
-    return c.loadgen_result(completed, failures, latencies, duration, sampled)
-
-
 def _loadgen_role(args: argparse.Namespace) -> int:
     pids = [int(x) for x in args.pids.split(",") if x]
+    # The rpc load generator, looping GET of the 64-byte answer instead of POST .../send.
     out = c.run_async(
-        small_loadgen(
-            json.loads(args.urls), int(args.concurrency), args.warmup, args.duration, pids
+        c.loadgen(
+            json.loads(args.urls),
+            "",
+            int(args.concurrency),
+            args.warmup,
+            args.duration,
+            0,
+            pids,
+            expect=SMALL_BODY,
         )
     )
     print(json.dumps(out), flush=True)
