@@ -375,16 +375,28 @@ class Relay:
     # session to ``self.topics`` and drops it when the session ends. Single node for now: in
     # cluster mode a publish must go through the broker to reach every node's subscribers.
 
-    def publish(self, app_id: str, topic: str, data: bytes) -> int:
+    def publish(
+        self,
+        app_id: str,
+        topic: str,
+        data: bytes,
+        admit: Callable[[int], None] | None = None,
+    ) -> int:
         """Push ``data`` to every subscriber of ``topic`` on this node; return how many got it.
+
+        ``admit`` is called with the number of subscribers before anything is sent; whatever
+        it raises (a size limit, say) stops the publish.
 
         Raises:
             ValueError: ``topic`` is not a valid topic name.
         """
         validate_topic(topic)
+        subscribers = self.topics.match(app_id, topic)
+        if admit is not None:
+            admit(len(subscribers))
         metrics.TOPIC_PUBLISHES.inc()
         delivered = 0
-        for subscriber in self.topics.match(app_id, topic):
+        for subscriber in subscribers:
             # One broken or congested session must not cost the others their message.
             try:
                 subscriber.push(topic, data)

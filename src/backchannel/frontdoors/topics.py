@@ -37,9 +37,10 @@ class TopicsApi:
         except ValueError as exc:
             raise ApiError(400, "invalid_topic", str(exc)) from None
         body = await request.read()
-        # Every subscriber gets its own copy of the frame, in memory until it is sent.
-        check_broadcast(
-            len(body), len(self._relay.topic_devices(app.app_id, topic)), self._max_bytes
-        )
-        delivered = self._relay.publish(app.app_id, topic, body)
+
+        def admit(subscribers: int) -> None:
+            # Every subscriber gets its own copy of the frame, in memory until it is sent.
+            check_broadcast(len(body), subscribers, self._max_bytes)
+
+        delivered = self._relay.publish(app.app_id, topic, body, admit)
         return json_response({"topic": topic, "devices": delivered})
