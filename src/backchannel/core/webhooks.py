@@ -51,15 +51,16 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return float(min(base * 2 ** min(attempts - 1, 60), cap))
 
 
-def record_body(event: NewEvent) -> bytes:
+def record_body(event: NewEvent, record: dict[str, Any]) -> bytes:
     """The JSON body of a presence or message webhook: the record plus who and when.
 
     Presence: ``{"app_id", "device_id", "ts", "online", "reason", "remote", "transport",
     "session_id", "connected_at", "last_seen", "replaced"}``. Message: ``{"app_id",
     "device_id", "ts", "message_id", "state", ...}``, as ``GET .../messages/{id}`` shows it.
+    ``record`` is the event's data, already parsed.
     """
     data: dict[str, Any] = {"app_id": event.app_id, "device_id": event.device_id, "ts": event.ts}
-    data.update(orjson.loads(event.data))
+    data.update(record)
     return orjson.dumps(data)
 
 
@@ -101,16 +102,16 @@ class WebhookPlanner:
             wanted = kinds[e.app_id]
             if e.type == _PRESENCE_TYPE:
                 if PRESENCE in wanted:
-                    online = orjson.loads(e.data).get("online")
-                    name = "connect" if online else "disconnect"
-                    rows.append(
-                        NewDelivery(e.app_id, e.device_id, PRESENCE, name, record_body(e), e.ts)
-                    )
+                    record = orjson.loads(e.data)
+                    name = "connect" if record.get("online") else "disconnect"
+                    body = record_body(e, record)
+                    rows.append(NewDelivery(e.app_id, e.device_id, PRESENCE, name, body, e.ts))
                     continue
             elif e.type == _MESSAGE_TYPE:
                 if MESSAGE in wanted:
-                    state = str(orjson.loads(e.data).get("state", ""))
-                    body = record_body(e)
+                    record = orjson.loads(e.data)
+                    state = str(record.get("state", ""))
+                    body = record_body(e, record)
                     rows.append(NewDelivery(e.app_id, e.device_id, MESSAGE, state, body, e.ts))
                     continue
             elif EVENT in wanted:
